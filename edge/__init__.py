@@ -1,0 +1,1 @@
+"""exar.edge: The validate-then-exclusively-reanswer loop on CPU through llama.cpp."""

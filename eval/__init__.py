@@ -1,0 +1,1 @@
+"""exar.eval: Quantized vs full precision on the held-out questions."""

@@ -1,0 +1,1 @@
+"""exar.export: Merge, convert to GGUF, quantize and verify a run's adapters."""
