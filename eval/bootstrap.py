@@ -61,7 +61,8 @@ def describe_difference(
 ) -> str:
     """One sentence for the report, with the interval and a verdict.
 
-    e.g. "q4_0: BERTScore F1 -0.004 [-0.009, +0.001]; no significant difference". Set `higher_is_better=False` for perplexity, KL divergence or latency, where a rise is a loss.
+    e.g. "q4_0: BERTScore F1 -0.004 [-0.009, +0.001]; no significant difference".
+    Set `higher_is_better=False` for perplexity, KL divergence or latency, where a rise is a loss.
     """
     if not result["significant"]:
         verdict = "no significant difference"

@@ -169,14 +169,29 @@ def prompt_style(folder: Path | str, layout: str = "plain") -> PromptStyle:
     template_file = folder / "chat_template.jinja"
     if template is None and template_file.is_file():
         template = template_file.read_text(encoding="utf-8")
-    specials = [t["content"] for t in (config.get("added_tokens_decoder") or {}).values() if t.get("special")]
+    added = list((config.get("added_tokens_decoder") or {}).values())
+    tokenizer_json = folder / "tokenizer.json"
+    fast = json.loads(tokenizer_json.read_text(encoding="utf-8")) if tokenizer_json.is_file() else {}
+    added += fast.get("added_tokens") or []
+    specials = [t["content"] for t in added if t.get("special")]
+    bos = _token_text(config.get("bos_token"))
     return PromptStyle(
         layout=layout,
         chat_template=template,
-        bos_token=_token_text(config.get("bos_token")),
+        bos_token=bos,
         eos_token=_token_text(config.get("eos_token")),
+        add_bos=_adds_bos(config, fast, bos),
         special_tokens=tuple(dict.fromkeys(specials)),
     )
+
+
+def _adds_bos(config: dict, fast: dict, bos: str) -> bool:
+    """Whether the tokenizer puts BOS in front: its config flag, else its post-processor template."""
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    single = ((fast.get("post_processor") or {}).get("single")) or []
+    first = single[0].get("SpecialToken", {}) if single else {}
+    return bool(bos) and first.get("id") == bos
 
 
 def _token_text(token) -> str:

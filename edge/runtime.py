@@ -1,0 +1,409 @@
+"""The llama.cpp runtime of the EXAR loop (a ``loop.Backend``), through llama-cpp-python's C API.
+
+Two modes over an exported run:
+
+- ``adapters``: ONE base GGUF in memory and the three LoRA GGUFs loaded once
+  (``llama_adapter_lora_init``); each call switches the context's adapter with
+  ``llama_set_adapters_lora``. One context holds a KV-cache sequence per role, so a role's
+  prompt prefix stays cached while the other roles run (the validator's question, the answer
+  role's instruction, the rejected answers already in the exar prompt).
+- ``merged``: one GGUF per role, each with its own context.
+
+The C API is used directly (not ``llama_cpp.Llama``) because the high-level class owns one
+context with one sequence, sets one adapter at load time, and adds per-token Python work that
+the loop does not need. Native llama.cpp logs are kept off the terminal unless ``verbose``; the
+last lines are kept to explain a failed load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from exar.constants import EDGE_BATCH, EDGE_CONTEXT, ROLES
+from exar.errors import ExarError
+from exar.export.layout import LORA, OUTTYPES, gguf_rel
+from exar.prompts import CORRECT, WRONG, PromptStyle, label_token_ids, parse_answer
+from exar.rundir import Run
+
+from exar.edge.loop import Generation, p_correct_from_logits
+
+MODES = ("adapters", "merged")
+GGUF_KINDS = ("gguf-base", "gguf-merged", "gguf-lora")
+
+
+# --- which files ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EdgeModels:
+    """The GGUF files one runtime loads: a base + LoRA per role, or a merged model per role."""
+
+    mode: str
+    quant: str
+    base: Path | None = None
+    loras: Mapping[str, Path] = field(default_factory=dict)
+    merged: Mapping[str, Path] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return ([self.base] if self.base else []) + list(self.loras.values()) + list(self.merged.values())
+
+
+def exported_variants(run: Run, kind: str) -> list[str]:
+    """Variants (q4_0, f16, ...) of ``kind`` GGUFs in the manifest: quants first, in export order."""
+    variants = []
+    for entry in run.find(kind=kind):
+        variant = Path(entry["path"]).name.split(".")[1]
+        if variant != LORA and variant not in variants:
+            variants.append(variant)
+    return [v for v in variants if v not in OUTTYPES] + [v for v in variants if v in OUTTYPES]
+
+
+def find_models(run: Run, *, mode: str | None = None, quant: str | None = None) -> EdgeModels:
+    """The GGUFs of ``run`` for ``mode`` (default: adapters when exported) and ``quant`` (default: first)."""
+    if not any(run.find(kind=kind) for kind in GGUF_KINDS):
+        raise ExarError(f"no GGUF artifacts in {run.root}; run `exar-export --run {run.root} --quant q4_0` first")
+    has_adapters = bool(run.find(kind="gguf-base")) and len(run.find(kind="gguf-lora")) == len(ROLES)
+    if mode is None:
+        mode = "adapters" if has_adapters else "merged"
+    if mode not in MODES:
+        raise ExarError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    kind = "gguf-base" if mode == "adapters" else "gguf-merged"
+    variants = exported_variants(run, kind)
+    if not variants:
+        raise ExarError(f"{run.root}: no {mode}-mode GGUFs; run `exar-export --run {run.root} --mode {mode}` "
+                        f"or use --mode {'merged' if mode == 'adapters' else 'adapters'}")
+    quant = quant or variants[0]
+    if quant not in variants:
+        raise ExarError(f"{run.root}: no {quant} GGUF for {mode} mode (exported: {', '.join(variants)})")
+    if mode == "adapters":
+        return EdgeModels(mode, quant, base=_checked(run, gguf_rel("base", quant)),
+                          loras={role: _checked(run, gguf_rel(role, LORA)) for role in ROLES})
+    return EdgeModels(mode, quant, merged={role: _checked(run, gguf_rel(role, quant)) for role in ROLES})
+
+
+def _checked(run: Run, rel: str) -> Path:
+    """A recorded GGUF still on disk with its recorded size (hashing gigabytes per question is too slow)."""
+    entry, path = run.entry(rel), run.path(rel)
+    if entry is None:
+        raise ExarError(f"{run.root}: {rel} was not exported; run `exar-export --run {run.root}` first")
+    if not path.is_file():
+        raise ExarError(f"{path}: recorded in the manifest but missing; run `exar-export --run {run.root}` again")
+    if path.stat().st_size != entry["bytes"]:
+        raise ExarError(f"{path}: {path.stat().st_size} bytes, the manifest recorded {entry['bytes']}; "
+                        f"the file is damaged, run `exar-export --run {run.root}` again")
+    return path
+
+
+# --- native logs ------------------------------------------------------------------------------
+
+_LOG_TAIL: deque[str] = deque(maxlen=30)
+_LOG_STATE = {"verbose": False, "callback": None}
+
+
+def _install_log(verbose: bool) -> None:
+    """Route llama.cpp's log through us: to stderr when verbose, else only into a short tail."""
+    import llama_cpp
+
+    _LOG_STATE["verbose"] = verbose
+    if _LOG_STATE["callback"] is None:
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            line = text.decode("utf-8", errors="replace")
+            _LOG_TAIL.append(line)
+            if _LOG_STATE["verbose"]:
+                os.write(2, text)
+
+        _LOG_STATE["callback"] = callback  # keep a reference: llama.cpp calls it until exit
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+
+def _native_reason() -> str:
+    """The last error-looking line llama.cpp logged, for a one-line message."""
+    lines = [line.strip() for line in _LOG_TAIL if line.strip()]
+    errors = [line for line in lines if any(w in line.lower() for w in ("error", "failed", "invalid"))]
+    return (errors or lines or ["no details from llama.cpp"])[-1]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+# --- the runtime ------------------------------------------------------------------------------
+
+@dataclass
+class _Context:
+    ptr: object
+    memory: object
+    batch: object
+    n_ctx: int
+    adapter: object = None  # the adapter now set on this context (None: the bare model)
+
+
+@dataclass
+class _Slot:
+    """Where a role runs: a context, its KV sequence there, its adapter, and the tokens cached in it."""
+
+    context: _Context
+    seq: int
+    adapter: object = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class LlamaRuntime:
+    """A ``loop.Backend`` over llama.cpp; see the module docstring. Close it (or use ``with``)."""
+
+    def __init__(self, models: EdgeModels, style: PromptStyle, *, threads: int | None = None,
+                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False):
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self.style = style
+        self.models = models
+        self.threads = threads or physical_cores()
+        self.n_ctx = n_ctx
+        if self.threads < 1 or n_ctx < 16:
+            raise ExarError(f"threads must be >= 1 and the context >= 16 tokens (got {self.threads}, {n_ctx})")
+        _install_log(verbose)
+        self._models: list = []
+        self._contexts: list[_Context] = []
+        self._adapters: list = []
+        self.slots: dict[str, _Slot] = {}
+        self._stop = style.stop_strings()
+        try:
+            if models.mode == "adapters":
+                model = self._load_model(models.base)
+                context = self._new_context(model, n_seq=len(ROLES))
+                for seq, role in enumerate(ROLES):
+                    self.slots[role] = _Slot(context, seq, self._load_adapter(model, models.loras[role]))
+            else:
+                for role in ROLES:
+                    self.slots[role] = _Slot(self._new_context(self._load_model(models.merged[role]), n_seq=1), 0)
+        except BaseException:
+            self.close()
+            raise
+        self._vocab = llama_cpp.llama_model_get_vocab(self._models[0])
+
+    # loading
+
+    def _load_model(self, path: Path):
+        params = self._llama.llama_model_default_params()
+        model = self._llama.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ExarError(f"{path}: llama.cpp cannot load this GGUF ({_native_reason()}); "
+                            "re-export it with `exar-export`")
+        self._models.append(model)
+        return model
+
+    def _load_adapter(self, model, path: Path):
+        adapter = self._llama.llama_adapter_lora_init(model, str(path).encode())
+        if not adapter:
+            raise ExarError(f"{path}: llama.cpp cannot load this LoRA GGUF on {self.models.base.name} "
+                            f"({_native_reason()}); re-export it with `exar-export --mode adapters`")
+        self._adapters.append(adapter)
+        return adapter
+
+    def _new_context(self, model, n_seq: int) -> _Context:
+        llama = self._llama
+        params = llama.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = min(self.n_ctx, EDGE_BATCH)
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # the roles' sequences share all n_ctx cells
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = True
+        ptr = llama.llama_init_from_model(model, params)
+        if not ptr:
+            raise ExarError(f"llama.cpp cannot create a context of {self.n_ctx} tokens ({_native_reason()})")
+        context = _Context(ptr, llama.llama_get_memory(ptr), None, llama.llama_n_ctx(ptr))
+        self._contexts.append(context)
+        context.batch = llama.llama_batch_init(params.n_batch, 0, 1)
+        return context
+
+    def close(self) -> None:
+        """Free contexts, then adapters, then models (llama.cpp's order); safe to call twice."""
+        llama = self._llama
+        for context in self._contexts:
+            if context.batch is not None:
+                llama.llama_batch_free(context.batch)
+            llama.llama_free(context.ptr)
+        for adapter in self._adapters:
+            llama.llama_adapter_lora_free(adapter)
+        for model in self._models:
+            llama.llama_model_free(model)
+        self._contexts, self._adapters, self._models, self.slots = [], [], [], {}
+
+    def __enter__(self) -> "LlamaRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # tokens
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the base's HF tokenizer gives them: BOS when the model adds it, specials parsed."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buffer = (self._llama.llama_token * size)()
+        count = self._llama.llama_tokenize(self._vocab, data, len(data), buffer, size, True, True)
+        if count < 0:
+            raise ExarError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+        return list(buffer[:count])
+
+    def _piece(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = self._llama.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+        return buffer.raw[:max(n, 0)]
+
+    # forward passes
+
+    def _activate(self, slot: _Slot) -> None:
+        """Set the slot's adapter on its context unless it is already the one set."""
+        context = slot.context
+        if context.adapter is slot.adapter:
+            return
+        if slot.adapter is None:
+            status = self._llama.llama_set_adapters_lora(context.ptr, None, 0, None)
+        else:
+            adapters = (self._llama.llama_adapter_lora_p_ctypes * 1)(slot.adapter)
+            status = self._llama.llama_set_adapters_lora(context.ptr, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if status != 0:
+            raise ExarError(f"llama.cpp refused to switch LoRA adapters (status {status})")
+        context.adapter = slot.adapter
+
+    def _make_room(self, slot: _Slot, needed: int) -> None:
+        """Free other roles' cached prompts when this role's tokens would not fit the context."""
+        context = slot.context
+        if needed > context.n_ctx:
+            raise ExarError(f"the prompt and answer need {needed} tokens, more than the context of "
+                            f"{context.n_ctx}; raise --ctx or shorten the question/context")
+        others = [s for s in self.slots.values() if s.context is context and s is not slot]
+        if needed + sum(len(s.tokens) for s in others) > context.n_ctx:
+            for other in others:
+                self._llama.llama_memory_seq_rm(context.memory, other.seq, 0, -1)
+                other.tokens = []
+
+    def _decode(self, slot: _Slot, tokens: list[int]) -> None:
+        """Append ``tokens`` to the slot's sequence; logits only for the last one."""
+        context, batch = slot.context, slot.context.batch
+        capacity = min(context.n_ctx, EDGE_BATCH)
+        for start in range(0, len(tokens), capacity):
+            chunk = tokens[start:start + capacity]
+            position = len(slot.tokens)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = position + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = slot.seq
+                batch.logits[i] = False
+            batch.logits[len(chunk) - 1] = True
+            batch.n_tokens = len(chunk)
+            status = self._llama.llama_decode(context.ptr, batch)
+            if status != 0:
+                raise ExarError(f"llama.cpp could not evaluate the prompt (llama_decode returned {status})")
+            slot.tokens.extend(chunk)
+
+    def _prefill(self, role: str, prompt: str, reserve: int = 0) -> _Slot:
+        """Evaluate ``prompt`` in the role's sequence, reusing its cached prefix; logits of the last token ready."""
+        slot = self.slots[role]
+        self._activate(slot)
+        tokens = self.tokenize(prompt)
+        keep = 0
+        for cached, token in zip(slot.tokens, tokens):
+            if cached != token:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # re-evaluate at least one token for fresh logits
+        self._make_room(slot, len(tokens) + reserve)
+        self._llama.llama_memory_seq_rm(slot.context.memory, slot.seq, keep, -1)
+        slot.tokens = slot.tokens[:keep]
+        self._decode(slot, tokens[keep:])
+        return slot
+
+    def last_logits(self, role: str, prompt: str):
+        """Next-token logits of ``role`` after ``prompt`` (a NumPy copy), from one forward pass."""
+        import numpy as np
+
+        slot = self._prefill(role, prompt)
+        n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
+        pointer = self._llama.llama_get_logits_ith(slot.context.ptr, -1)
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
+
+    # the Backend protocol
+
+    def p_correct(self, prompt: str) -> tuple[float, float]:
+        start = time.perf_counter()
+        labels = label_token_ids(self.tokenize, prompt)
+        slot = self._prefill("validator", prompt)
+        logits = self._llama.llama_get_logits_ith(slot.context.ptr, -1)
+        p = p_correct_from_logits(logits[labels[CORRECT]], logits[labels[WRONG]])
+        return p, (time.perf_counter() - start) * 1000.0
+
+    def generate(self, role: str, prompt: str, *, temperature: float, top_p: float, seed: int,
+                 max_new_tokens: int) -> Generation:
+        start = time.perf_counter()
+        slot = self._prefill(role, prompt, reserve=max_new_tokens)
+        sampler = self._sampler(temperature, top_p, seed)
+        text, count = b"", 0
+        try:
+            while count < max_new_tokens:
+                token = self._llama.llama_sampler_sample(sampler, slot.context.ptr, -1)
+                if self._llama.llama_vocab_is_eog(self._vocab, token):
+                    break
+                count += 1
+                text += self._piece(token)
+                if self._stopped(text) or count == max_new_tokens:
+                    break
+                self._decode(slot, [token])
+        finally:
+            self._llama.llama_sampler_free(sampler)
+        answer = parse_answer(text.decode("utf-8", errors="ignore"), self.style)
+        return Generation(answer, count, (time.perf_counter() - start) * 1000.0)
+
+    def _sampler(self, temperature: float, top_p: float, seed: int):
+        llama = self._llama
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if temperature == 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+        else:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(top_p, 1))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _stopped(self, text: bytes) -> bool:
+        decoded = text.decode("utf-8", errors="ignore")
+        return any(stop in decoded for stop in self._stop)
+
+
+def open_runtime(run: Run, *, mode: str | None = None, quant: str | None = None, threads: int | None = None,
+                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False) -> LlamaRuntime:
+    """The runtime for an exported run, laid out with the run's prompt style."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise ExarError("exar-edge needs llama-cpp-python: pip install 'exar[edge]'") from None
+    style = PromptStyle.from_dict(run.settings.get("prompt") or {})
+    return LlamaRuntime(find_models(run, mode=mode, quant=quant), style, threads=threads, n_ctx=n_ctx,
+                        verbose=verbose)

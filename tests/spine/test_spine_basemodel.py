@@ -1,0 +1,78 @@
+"""Base models: HF folders, GGUF import of the built-in SmolLM2, refusal of non-Llama bases."""
+
+import json
+import shutil
+
+import pytest
+
+from exar.basemodel import fingerprint, prompt_style, resolve_base
+from exar.errors import ExarError
+from exar.prompts import render_answer
+
+
+def test_hf_folder_base(tiny_llama):
+    base = resolve_base(tiny_llama)
+    assert base.name == tiny_llama.name and base.fingerprint == fingerprint(tiny_llama)
+    assert len(base.fingerprint) == 64
+
+
+def test_non_llama_folder_is_refused(tiny_llama, tmp_path):
+    other = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExarError, match="architecture GPT2LMHeadModel is not supported"):
+        resolve_base(other)
+
+
+def test_unknown_base_spec(tmp_path):
+    with pytest.raises(ExarError, match="not a model folder, a .gguf file, or a built-in name"):
+        resolve_base("llama-9000")
+    with pytest.raises(ExarError, match="no such GGUF file"):
+        resolve_base(tmp_path / "missing.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExarError, match="no config.json"):
+        resolve_base(tmp_path / "empty")
+
+
+def test_corrupted_gguf_is_refused(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(ExarError, match="broken.gguf"):
+        resolve_base(bad, where=tmp_path)
+    assert not (tmp_path / "base" / "broken").exists()
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_imports_once_and_answers_paris(smollm2_base):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = smollm2_base.path
+    model = LlamaForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+    style = prompt_style(folder, "chat")
+    assert style.eos_token == "<|im_end|>" and "<|im_start|>" in style.special_tokens
+    assert not style.add_bos  # SmolLM2 adds no BOS: its template's leading <|im_start|> must stay
+    assert render_answer("Capital of France?", style=style).startswith("<|im_start|>system\n")
+    # a second resolve reuses the imported folder
+    again = resolve_base("smollm2-135m-instruct", where=__import__("pathlib").Path(folder).parents[1])
+    assert again.fingerprint == smollm2_base.fingerprint
+
+
+def test_prompt_style_knows_whether_the_tokenizer_adds_bos(tiny_llama):
+    from transformers import AutoTokenizer
+
+    style = prompt_style(tiny_llama, "chat")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert style.add_bos and tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+    assert (style.bos_token, style.eos_token) == ("<s>", "</s>")

@@ -1,0 +1,99 @@
+"""pre-DATASET+: the stage-zero adapter answers the TRAIN pool at several temperatures.
+
+Rows are appended to a working file batch by batch, so an interrupted run resumes where it
+stopped; the final ``data/pre-dataset-plus.jsonl`` appears (atomically) only when all are done.
+Batches are fixed by position and each is seeded from (seed, temperature, first item), so a
+resumed run samples the same answers an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from exar import constants as C
+from exar.data import QA, append_jsonl, read_jsonl, read_jsonl_resumable, write_jsonl
+from exar.errors import ExarError
+from exar.prompts import PromptStyle, parse_answer, render_answer
+from exar.rundir import Run, atomic_write_json
+
+PARTIAL = C.PRE_DATASET_PLUS + ".partial"
+PARTIAL_SETTINGS = C.PRE_DATASET_PLUS + ".partial.json"
+ANSWER_ADAPTER = f"{C.ADAPTERS_DIR}/answer"
+
+
+def predict(run: Run, *, temperatures: Sequence[float] = C.PREDICT_TEMPERATURES, top_p: float = C.PREDICT_TOP_P,
+            max_new_tokens: int = C.MAX_NEW_TOKENS, batch_size: int = 8, limit: int | None = None,
+            seed: int = C.SEED, force: bool = False) -> dict:
+    """Answer every TRAIN question at each temperature with stage-zero; returns the run.json section."""
+    if run.has(C.PRE_DATASET_PLUS) and not force:
+        print(f"predict: {run.path(C.PRE_DATASET_PLUS)} is done (use --force to redo it)", file=sys.stderr)
+        return run.settings.get("predict", {})
+    if any(t < 0 for t in temperatures) or not temperatures:
+        raise ExarError(f"--temperature values must be >= 0, got {list(temperatures)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ExarError("--batch-size and --max-new-tokens must be at least 1")
+    run.verify(C.TRAIN_SPLIT)
+    run.verify(ANSWER_ADAPTER)
+    pool = [QA.from_dict(r) for r in read_jsonl(run.path(C.TRAIN_SPLIT))][:limit]
+    settings = {"temperatures": [float(t) for t in temperatures], "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "limit": limit, "seed": seed, "pool": len(pool)}
+
+    partial, sidecar = run.path(PARTIAL), run.path(PARTIAL_SETTINGS)
+    if force or not sidecar.is_file() or json.loads(sidecar.read_text(encoding="utf-8")) != settings:
+        partial.unlink(missing_ok=True)
+        atomic_write_json(sidecar, settings)
+    done = {(r["item"], r["temperature"]) for r in read_jsonl_resumable(partial)}
+
+    style = PromptStyle.from_dict(run.settings["prompt"])
+    batches = [(t, start) for t in settings["temperatures"] for start in range(0, len(pool), batch_size)]
+    pending = [(t, s) for t, s in batches
+               if any((i, t) not in done for i in range(s, min(s + batch_size, len(pool))))]
+    if pending:
+        _generate(run, pool, pending, done, style, settings)
+    rows = sorted(read_jsonl_resumable(partial), key=lambda r: (r["temperature"], r["item"]))
+    with run.writing(C.PRE_DATASET_PLUS, "predictions", made_from=[C.TRAIN_SPLIT, ANSWER_ADAPTER]) as tmp:
+        write_jsonl(tmp, rows)
+    partial.unlink()
+    sidecar.unlink()
+    section = {**settings, "rows": len(rows)}
+    run.update_settings("predict", section)
+    return section
+
+
+def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: set, style: PromptStyle,
+              settings: dict) -> None:
+    import torch
+
+    from exar.progress import bar
+    from exar.train.trainer import device_plan, load_model, load_tokenizer
+
+    section = run.settings.get("stage-zero") or {}
+    bits = section.get("bits", C.BITS)
+    plan = device_plan(bits)
+    tokenizer = load_tokenizer(run.path(ANSWER_ADAPTER))
+    tokenizer.padding_side = "left"
+    model = load_model(run.settings["base"]["path"], bits, plan, adapter=run.path(ANSWER_ADAPTER))
+    model.eval()
+    size = settings["batch_size"]
+    for temperature, start in bar(pending, desc="predict", unit="batch"):
+        items = pool[start:start + size]
+        prompts = [render_answer(q.question, q.context, style) for q in items]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        torch.manual_seed(settings["seed"] * 1_000_003 + int(temperature * 1000) * 10_007 + start)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": settings["top_p"]} if temperature > 0 \
+            else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)
+        for offset, (record, text) in enumerate(zip(items, texts)):
+            item = start + offset
+            if (item, temperature) in done:
+                continue
+            append_jsonl(run.path(PARTIAL), {
+                "item": item, "question": record.question, "reference": record.answer,
+                "aliases": record.aliases, "context": record.context,
+                "prediction": parse_answer(text, style), "temperature": temperature, "seed": settings["seed"],
+            })
