@@ -77,12 +77,20 @@ class Backend(Protocol):
 
 def p_correct_from_logits(logit_correct: float, logit_wrong: float) -> float:
     """exp(l_C) / (exp(l_C) + exp(l_W)), computed without overflow."""
-    return 1.0 / (1.0 + math.exp(logit_wrong - logit_correct))
+    margin = float(logit_correct) - float(logit_wrong)
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    odds = math.exp(margin)
+    return odds / (1.0 + odds)
 
 
 def answer_key(text: str) -> str:
-    """What makes two answers "the same" for the loop: SQuAD normalization (case, punctuation, articles)."""
-    return normalize_squad(text)
+    """What makes two answers "the same" for the loop: SQuAD normalization (case, punctuation, articles).
+
+    An answer that is only an article or punctuation ("A", "?") keeps its lowercased text, so it
+    is not mistaken for an empty answer.
+    """
+    return normalize_squad(text) or text.strip().lower()
 
 
 @dataclass(frozen=True)

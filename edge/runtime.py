@@ -114,14 +114,13 @@ def _install_log(verbose: bool) -> None:
     if _LOG_STATE["callback"] is None:
         @llama_cpp.llama_log_callback
         def callback(level, text, user_data):
-            line = text.decode("utf-8", errors="replace")
-            _LOG_TAIL.append(line)
+            _LOG_TAIL.append(text.decode("utf-8", errors="replace"))
             if _LOG_STATE["verbose"]:
                 os.write(2, text)
 
         _LOG_STATE["callback"] = callback  # keep a reference: llama.cpp calls it until exit
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
+    llama_cpp.llama_log_set(_LOG_STATE["callback"], ctypes.c_void_p(0))  # again: another stage may have replaced it
 
 
 def _native_reason() -> str:
@@ -132,15 +131,20 @@ def _native_reason() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    try:
-        import resource
+    """Peak resident memory of this process so far, in MiB.
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except ImportError:  # Windows
-        import psutil
+    On Linux VmHWM (not getrusage's ru_maxrss, which keeps the peak of the parent a process was
+    forked from, across exec).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    import psutil
 
-        return psutil.Process().memory_info().peak_wset / 2**20
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20  # Windows: peak working set
 
 
 def physical_cores() -> int:
@@ -174,7 +178,9 @@ class LlamaRuntime:
     """A ``loop.Backend`` over llama.cpp; see the module docstring. Close it (or use ``with``)."""
 
     def __init__(self, models: EdgeModels, style: PromptStyle, *, threads: int | None = None,
-                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False):
+                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False, full_precision: bool = False):
+        """``full_precision``: f32 KV cache and no flash attention, so an f32 GGUF is compared with
+        transformers on its weights alone (eval); the default f16 cache is what a laptop wants."""
         import llama_cpp
 
         self._llama = llama_cpp
@@ -182,6 +188,7 @@ class LlamaRuntime:
         self.models = models
         self.threads = threads or physical_cores()
         self.n_ctx = n_ctx
+        self.full_precision = full_precision
         if self.threads < 1 or n_ctx < 16:
             raise ExarError(f"threads must be >= 1 and the context >= 16 tokens (got {self.threads}, {n_ctx})")
         _install_log(verbose)
@@ -189,6 +196,7 @@ class LlamaRuntime:
         self._contexts: list[_Context] = []
         self._adapters: list = []
         self.slots: dict[str, _Slot] = {}
+        self.prompt_tokens = {"evaluated": 0, "reused": 0}  # how much the per-role KV caches saved
         self._stop = style.stop_strings()
         try:
             if models.mode == "adapters":
@@ -232,10 +240,14 @@ class LlamaRuntime:
         params.kv_unified = True  # the roles' sequences share all n_ctx cells
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
+        if self.full_precision:
+            params.type_k = params.type_v = llama.GGML_TYPE_F32
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ptr = llama.llama_init_from_model(model, params)
         if not ptr:
             raise ExarError(f"llama.cpp cannot create a context of {self.n_ctx} tokens ({_native_reason()})")
         context = _Context(ptr, llama.llama_get_memory(ptr), None, llama.llama_n_ctx(ptr))
+        self.n_ctx = context.n_ctx  # llama.cpp may round the size up
         self._contexts.append(context)
         context.batch = llama.llama_batch_init(params.n_batch, 0, 1)
         return context
@@ -304,42 +316,61 @@ class LlamaRuntime:
                 self._llama.llama_memory_seq_rm(context.memory, other.seq, 0, -1)
                 other.tokens = []
 
-    def _decode(self, slot: _Slot, tokens: list[int]) -> None:
-        """Append ``tokens`` to the slot's sequence; logits only for the last one."""
+    def _decode(self, slot: _Slot, tokens: list[int], rows_from: int | None = None) -> list:
+        """Append ``tokens`` to the slot's sequence; logits for the last one, and returned as
+        NumPy rows for every token from index ``rows_from`` of ``tokens`` on when it is given."""
+        import numpy as np
+
         context, batch = slot.context, slot.context.batch
         capacity = min(context.n_ctx, EDGE_BATCH)
+        n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
+        rows = []
         for start in range(0, len(tokens), capacity):
             chunk = tokens[start:start + capacity]
             position = len(slot.tokens)
+            wanted = [] if rows_from is None else [i for i in range(len(chunk)) if start + i >= rows_from]
             for i, token in enumerate(chunk):
                 batch.token[i] = token
                 batch.pos[i] = position + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = slot.seq
                 batch.logits[i] = False
-            batch.logits[len(chunk) - 1] = True
+            for i in wanted + [len(chunk) - 1]:
+                batch.logits[i] = True
             batch.n_tokens = len(chunk)
             status = self._llama.llama_decode(context.ptr, batch)
             if status != 0:
                 raise ExarError(f"llama.cpp could not evaluate the prompt (llama_decode returned {status})")
             slot.tokens.extend(chunk)
+            for i in wanted:
+                pointer = self._llama.llama_get_logits_ith(context.ptr, i)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy())
+        return rows
 
     def _prefill(self, role: str, prompt: str, reserve: int = 0) -> _Slot:
         """Evaluate ``prompt`` in the role's sequence, reusing its cached prefix; logits of the last token ready."""
+        slot, _ = self._evaluate(role, self.tokenize(prompt), reserve=reserve)
+        return slot
+
+    def _evaluate(self, role: str, tokens: list[int], *, reserve: int = 0,
+                  rows_from: int | None = None) -> tuple[_Slot, list]:
+        """Bring the role's sequence to ``tokens``, evaluating only what its cache lacks (at least
+        the last token, for fresh logits, and every token from ``rows_from`` on, whose logits it returns)."""
         slot = self.slots[role]
         self._activate(slot)
-        tokens = self.tokenize(prompt)
         keep = 0
         for cached, token in zip(slot.tokens, tokens):
             if cached != token:
                 break
             keep += 1
-        keep = min(keep, len(tokens) - 1)  # re-evaluate at least one token for fresh logits
+        keep = min(keep, len(tokens) - 1, len(tokens) if rows_from is None else rows_from)
         self._make_room(slot, len(tokens) + reserve)
         self._llama.llama_memory_seq_rm(slot.context.memory, slot.seq, keep, -1)
         slot.tokens = slot.tokens[:keep]
-        self._decode(slot, tokens[keep:])
-        return slot
+        rows = self._decode(slot, tokens[keep:], None if rows_from is None else rows_from - keep)
+        self.prompt_tokens["evaluated"] += len(tokens) - keep
+        self.prompt_tokens["reused"] += keep
+        return slot, rows
 
     def last_logits(self, role: str, prompt: str):
         """Next-token logits of ``role`` after ``prompt`` (a NumPy copy), from one forward pass."""
@@ -349,6 +380,18 @@ class LlamaRuntime:
         n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
         pointer = self._llama.llama_get_logits_ith(slot.context.ptr, -1)
         return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
+
+    def teacher_forced_logits(self, role: str, prompt_ids: list[int], target_ids: list[int]):
+        """Logits predicting each of ``target_ids`` after ``prompt_ids`` and the targets before it
+        (len(target_ids) x vocab, NumPy), from one pass over what the role's cache lacks (eval's
+        perplexity and KL)."""
+        import numpy as np
+
+        if not prompt_ids or not target_ids:
+            raise ExarError("teacher forcing needs a prompt and at least one target token")
+        tokens = list(prompt_ids) + list(target_ids)
+        _, rows = self._evaluate(role, tokens, rows_from=len(prompt_ids) - 1)
+        return np.stack(rows[:len(target_ids)])
 
     # the Backend protocol
 
@@ -398,7 +441,7 @@ class LlamaRuntime:
 
 
 def open_runtime(run: Run, *, mode: str | None = None, quant: str | None = None, threads: int | None = None,
-                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False) -> LlamaRuntime:
+                 n_ctx: int = EDGE_CONTEXT, verbose: bool = False, full_precision: bool = False) -> LlamaRuntime:
     """The runtime for an exported run, laid out with the run's prompt style."""
     try:
         import llama_cpp  # noqa: F401
@@ -406,4 +449,4 @@ def open_runtime(run: Run, *, mode: str | None = None, quant: str | None = None,
         raise ExarError("exar-edge needs llama-cpp-python: pip install 'exar[edge]'") from None
     style = PromptStyle.from_dict(run.settings.get("prompt") or {})
     return LlamaRuntime(find_models(run, mode=mode, quant=quant), style, threads=threads, n_ctx=n_ctx,
-                        verbose=verbose)
+                        verbose=verbose, full_precision=full_precision)

@@ -19,6 +19,7 @@ from exar.prompts import PromptStyle
 from exar.rundir import atomic_path, atomic_write_json, models_dir, sha256_file
 
 IMPORT_RECORD = "exar-import.json"
+IMPORT_VERSION = 2  # bump when the import writes something different; older imports are redone
 _FINGERPRINT_SAMPLE = 1 << 20
 
 
@@ -128,7 +129,8 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
     record_path = dest / IMPORT_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("source_bytes") == gguf_path.stat().st_size and record.get("source_name") == gguf_path.name:
+        if (record.get("version") == IMPORT_VERSION and record.get("source_name") == gguf_path.name
+                and record.get("source_bytes") == gguf_path.stat().st_size):
             return dest
     arch = gguf_architecture(gguf_path)
     if arch != "llama":
@@ -144,14 +146,19 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        # save_pretrained refuses a GGUF-loaded model; a plain LlamaForCausalLM saves normally.
-        model = LlamaForCausalLM(loaded.config)
+        # save_pretrained refuses a GGUF-loaded model; a plain LlamaForCausalLM saves normally,
+        # and without the GGUF quantization record (the weights are now plain fp32).
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
         with atomic_path(dest, is_dir=True) as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             atomic_write_json(tmp / IMPORT_RECORD, {
+                "version": IMPORT_VERSION,
                 "source_name": gguf_path.name,
                 "source_path": str(gguf_path.resolve()),
                 "source_bytes": gguf_path.stat().st_size,

@@ -99,6 +99,7 @@ class TensorInfo:
     file: Path
     dtype: str      # safetensors dtype: F32, F16, BF16, ...
     shape: tuple[int, ...]
+    start: int = 0  # byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -119,8 +120,8 @@ class TensorSource:
             raise ExarError(f"{self.folder}: no *.safetensors weights (export reads safetensors only)")
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
-            for name, (dtype, shape) in read_safetensors_header(file).items():
-                self.infos[name] = TensorInfo(name, file, dtype, tuple(shape))
+            for name, (dtype, shape, start) in read_safetensors_header(file).items():
+                self.infos[name] = TensorInfo(name, file, dtype, tuple(shape), start)
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -129,15 +130,21 @@ class TensorSource:
         return list(self.infos)
 
     def load(self, name: str):
-        """One tensor as a torch tensor (its stored dtype)."""
-        from safetensors import safe_open
+        """One tensor as a torch tensor (its stored dtype), read into its own buffer (no mmap kept resident)."""
+        import torch
 
         info = self.infos[name]
-        try:
-            with safe_open(str(info.file), framework="pt") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types on damaged files
-            raise ExarError(f"{info.file}: cannot read tensor {name} ({e})") from None
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ExarError(f"{info.file}: tensor {name} has dtype {info.dtype}, which export does not read")
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buffer) != info.nbytes:
+                raise ExarError(f"{info.file}: truncated inside tensor {name}")
+        if not buffer:
+            return torch.empty(info.shape, dtype=getattr(torch, dtype))
+        return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(info.shape)
 
     def by_file(self) -> dict[Path, list[str]]:
         files: dict[Path, list[str]] = {}
@@ -151,8 +158,12 @@ class TensorSource:
             yield name, self.load(name)
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
-    """name -> (dtype, shape) of a safetensors file, after checking the file is complete."""
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I8": "int8", "U8": "uint8"}
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, absolute data offset) of a safetensors file, after checking the file is complete."""
     file = Path(file)
     size = file.stat().st_size
     try:
@@ -171,7 +182,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
     tensors = {}
     for name, meta in header.items():
         try:
-            tensors[name] = (meta["dtype"], list(meta["shape"]))
+            tensors[name] = (meta["dtype"], list(meta["shape"]), 8 + length + int(meta["data_offsets"][0]))
             end = max(end, int(meta["data_offsets"][1]))
         except (KeyError, TypeError, IndexError):
             raise ExarError(f"{file}: damaged header entry for tensor {name}") from None

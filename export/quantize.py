@@ -43,15 +43,16 @@ def check_quant(qtype: str) -> int:
 
 @contextlib.contextmanager
 def native_log(log_path: Path | str | None, verbose: bool = False) -> Iterator[None]:
-    """Send llama.cpp's native log to ``log_path`` (appending) instead of the terminal, unless ``verbose``."""
+    """Send llama.cpp's native log to ``log_path`` (appending; none: discarded) instead of the terminal, unless ``verbose``."""
     import llama_cpp
     import llama_cpp._logger as default_logger
 
-    if verbose or log_path is None:
+    if verbose:
         yield
         return
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path if log_path is not None else os.devnull, "ab") as log:
         @llama_cpp.llama_log_callback
         def to_file(level, text, user_data):
             log.write(text or b"")
@@ -134,4 +135,4 @@ def _base_type(qtype: str) -> str:
     for suffix in ("_s", "_m", "_l", "_xs", "_xxs"):
         if qtype.endswith(suffix) and qtype[: -len(suffix)].endswith("_k"):
             return qtype[: -len(suffix)]
-    return {"iq2_m": "iq2_s", "iq3_m": "iq3_s", "iq3_xs": "iq3_s", "iq1_m": "iq1_m"}.get(qtype, qtype)
+    return {"iq2_m": "iq2_s", "iq3_m": "iq3_s", "iq3_xs": "iq3_s"}.get(qtype, qtype)

@@ -9,6 +9,7 @@ from the safetensors headers first, then loaded, converted and written one at a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -59,7 +60,8 @@ def write_gguf(hf_dir: Path | str, out_path: Path | str, outtype: str = "f16", *
     hf_dir = Path(hf_dir)
     shape = LlamaShape.read(hf_dir)
     source = TensorSource(hf_dir)
-    vocab = read_vocab(hf_dir, shape.vocab)
+    tokenizer = _hf_tokenizer(hf_dir)
+    vocab = read_vocab(hf_dir, shape.vocab, tokenizer)
     plan = _tensor_plan(shape, source, qtype)
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -69,7 +71,7 @@ def write_gguf(hf_dir: Path | str, out_path: Path | str, outtype: str = "f16", *
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_vocab(writer, hf_dir, vocab)
+    _add_vocab(writer, hf_dir, vocab, tokenizer)
     for item in plan:
         writer.add_tensor_info(item.gguf_name, item.byte_shape, item.np_dtype, item.nbytes, raw_dtype=item.qtype)
 
@@ -79,7 +81,7 @@ def write_gguf(hf_dir: Path | str, out_path: Path | str, outtype: str = "f16", *
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = sum(item.nbytes for item in plan)
-        steps = bar(plan, desc=f"writing {Path(out_path).name}", unit="tensor") if progress else plan
+        steps = bar(plan, desc=f"{hf_dir.name} -> GGUF {outtype}", unit="tensor") if progress else plan
         for item in steps:
             writer.write_tensor_data(item.produce())
         writer.close()
@@ -109,11 +111,16 @@ def _outtype(outtype: str):
     return types[outtype]
 
 
-def gguf_tensor_name(hf_name: str, n_layers: int) -> str:
-    """llama.cpp's name for an HF Llama tensor (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
+@functools.lru_cache(maxsize=4)
+def _name_map(n_layers: int):
     import gguf
 
-    mapped = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+
+
+def gguf_tensor_name(hf_name: str, n_layers: int) -> str:
+    """llama.cpp's name for an HF Llama tensor (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``)."""
+    mapped = _name_map(n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
         raise ExarError(f"tensor {hf_name} has no llama.cpp counterpart in a Llama model")
     return mapped
@@ -223,15 +230,15 @@ def _add_hparams(writer, shape: LlamaShape) -> None:
 
 # --- vocabulary -------------------------------------------------------------------------------
 
-def read_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
+def read_vocab(hf_dir: Path, n_vocab: int, tokenizer) -> Vocab:
     """The tokenizer of an HF folder as llama.cpp wants it, padded to the embedding's row count."""
     hf_dir = Path(hf_dir)
     tokenizer_json = hf_dir / "tokenizer.json"
     model = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model", {}) if tokenizer_json.is_file() else {}
     if (hf_dir / "tokenizer.model").is_file() and (not model or model.get("byte_fallback")):
-        return _sentencepiece_vocab(hf_dir, n_vocab)
+        return _sentencepiece_vocab(hf_dir, n_vocab, tokenizer)
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
-        return _bpe_vocab(hf_dir, n_vocab)
+        return _bpe_vocab(hf_dir, n_vocab, tokenizer)
     raise ExarError(f"{hf_dir}: tokenizer is neither SentencePiece (tokenizer.model) nor byte-level BPE (tokenizer.json)")
 
 
@@ -244,7 +251,7 @@ def _hf_tokenizer(hf_dir: Path):
         raise ExarError(f"{hf_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
-def _sentencepiece_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
+def _sentencepiece_vocab(hf_dir: Path, n_vocab: int, tokenizer) -> Vocab:
     import gguf
     from sentencepiece import SentencePieceProcessor
 
@@ -261,7 +268,7 @@ def _sentencepiece_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
         types[i] = (gguf.TokenType.UNKNOWN if processor.IsUnknown(i) else gguf.TokenType.CONTROL if processor.IsControl(i)
                     else gguf.TokenType.UNUSED if processor.IsUnused(i) else gguf.TokenType.BYTE if processor.IsByte(i)
                     else gguf.TokenType.NORMAL)
-    for token_id, added in _hf_tokenizer(hf_dir).added_tokens_decoder.items():
+    for token_id, added in tokenizer.added_tokens_decoder.items():
         if token_id >= processor.vocab_size() and token_id < n_vocab:
             tokens[token_id] = added.content if added.special else added.content.replace("\u2581", " ")
             scores[token_id] = -1000.0
@@ -269,10 +276,9 @@ def _sentencepiece_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
     return Vocab("llama", "default", tokens, scores, [int(t) for t in types])
 
 
-def _bpe_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
+def _bpe_vocab(hf_dir: Path, n_vocab: int, tokenizer) -> Vocab:
     import gguf
 
-    tokenizer = _hf_tokenizer(hf_dir)
     ids = tokenizer.encode(_BPE_CHECK_TEXT, add_special_tokens=False)
     check = hashlib.sha256(str(ids).encode()).hexdigest()
     pre = _BPE_PRE_BY_HASH.get(check)
@@ -294,7 +300,7 @@ def _bpe_vocab(hf_dir: Path, n_vocab: int) -> Vocab:
     return Vocab("gpt2", pre, tokens, None, types)
 
 
-def _add_vocab(writer, hf_dir: Path, vocab: Vocab) -> None:
+def _add_vocab(writer, hf_dir: Path, vocab: Vocab, tokenizer) -> None:
     import gguf
 
     writer.add_tokenizer_model(vocab.model)
@@ -307,7 +313,6 @@ def _add_vocab(writer, hf_dir: Path, vocab: Vocab) -> None:
     if vocab.model == "gpt2" and not special.merges:
         raise ExarError(f"{hf_dir}: the BPE tokenizer has no merges")
     # What the HF tokenizer really does decides the flags, so llama.cpp adds BOS exactly as often.
-    tokenizer = _hf_tokenizer(hf_dir)
     probe = tokenizer("a").input_ids
     special.add_special_token = {
         "bos": tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],

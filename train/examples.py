@@ -94,8 +94,8 @@ def balance(examples: Sequence[Example], seed: int) -> list[Example]:
     missing = [label for label, group in groups.items() if not group]
     if missing:
         counts = ", ".join(f"{len(g)} {label}" for label, g in groups.items())
-        raise ExarError(f"the validator needs both labels to balance, and DATASET+ has {counts}; "
-                        "pass --add-references (always) to add the reference answers as CORRECT rows")
+        raise ExarError(f"the validator needs rows of both labels, and has {counts}; without CORRECT rows "
+                        "use --add-references auto or always (the reference answers as CORRECT rows)")
     rng = random.Random(seed)
     target = max(len(g) for g in groups.values())
     balanced = []

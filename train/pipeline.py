@@ -124,16 +124,18 @@ def role_data(run: Run, role: str, settings: TrainSettings, add_references: str 
         train_rows, held_rows = rows, []
     train = ex.validator_examples(train_rows, style)
     counts = ex.label_counts(train)
+    held = ex.validator_examples(held_rows, style)
     add = add_references == "always" or (add_references == "auto" and counts[CORRECT] == 0)
-    if add:
+    if add:  # the same rule on both sides, so the validation slice can calibrate the threshold
         train += ex.reference_examples(train_rows, style)
+        held += ex.reference_examples(held_rows, style)
         print(f"validator: added {len(train) - sum(counts.values())} reference answers as CORRECT rows "
               f"(--add-references {add_references}; DATASET+ had {counts[CORRECT]} CORRECT)", file=sys.stderr)
     facts = {"dataset_plus_counts": counts, "references_added": len(train) - sum(counts.values()),
              "add_references": add_references}
     balanced = ex.balance(train, settings.seed)
     facts["balanced_counts"] = ex.label_counts(balanced)
-    return RoleData(balanced, ex.validator_examples(held_rows, style), facts)
+    return RoleData(balanced, held, facts)
 
 
 def train_role(run: Run, role: str, settings: TrainSettings = TrainSettings(), *, resume: bool = True,

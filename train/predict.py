@@ -64,8 +64,6 @@ def predict(run: Run, *, temperatures: Sequence[float] = C.PREDICT_TEMPERATURES,
 
 def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: set, style: PromptStyle,
               settings: dict) -> None:
-    import torch
-
     from exar.progress import bar
     from exar.train.trainer import device_plan, load_model, load_tokenizer
 
@@ -80,14 +78,9 @@ def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: 
     for temperature, start in bar(pending, desc="predict", unit="batch"):
         items = pool[start:start + size]
         prompts = [render_answer(q.question, q.context, style) for q in items]
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-        torch.manual_seed(settings["seed"] * 1_000_003 + int(temperature * 1000) * 10_007 + start)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": settings["top_p"]} if temperature > 0 \
-            else {"do_sample": False}
-        with torch.no_grad():
-            out = model.generate(**encoded, max_new_tokens=settings["max_new_tokens"],
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
-        texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)
+        seed = settings["seed"] * 1_000_003 + int(temperature * 1000) * 10_007 + start
+        texts = generate_batch(model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
+                               temperature=temperature, top_p=settings["top_p"], seed=seed)
         for offset, (record, text) in enumerate(zip(items, texts)):
             item = start + offset
             if (item, temperature) in done:
@@ -97,3 +90,23 @@ def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: 
                 "aliases": record.aliases, "context": record.context,
                 "prediction": parse_answer(text, style), "temperature": temperature, "seed": settings["seed"],
             })
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
+                   top_p: float, seed: int, min_new_tokens: int = 0) -> list[str]:
+    """The text each prompt continues with, all prompts in one left-padded ``generate`` call.
+
+    One call per batch instead of one per question is what makes predict fast on a GPU
+    (bench/predict_gpu.py). ``temperature`` 0 decodes greedily; ``tokenizer.padding_side`` must be
+    left. Special tokens are kept in the text, so ``parse_answer`` can cut at the end-of-sequence marker.
+    """
+    import torch
+
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+        else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)

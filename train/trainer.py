@@ -14,6 +14,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,15 +40,29 @@ class DevicePlan:
     optimizer: str
     bf16: bool
     adapter_dtype: str
+    attention: str = "sdpa"      # transformers attn_implementation while training
+    padding_free: bool = False   # a micro-batch is one row; position ids restart at each example
+    liger: bool = False          # liger-kernel's fused RMSNorm / SwiGLU / RoPE
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"device": self.device, "compute_dtype": self.compute_dtype, "optimizer": self.optimizer,
-                "bf16": self.bf16, "adapter_dtype": self.adapter_dtype, "notes": list(self.notes)}
+                "bf16": self.bf16, "adapter_dtype": self.adapter_dtype, "attention": self.attention,
+                "padding_free": self.padding_free, "liger": self.liger, "notes": list(self.notes)}
 
 
-def device_plan(bits: int) -> DevicePlan:
-    """GPU: bf16 compute, paged 8-bit AdamW for quantized bases; CPU: fp32 and plain AdamW."""
+FLEX_MIN_HEAD_DIM = 16  # flex attention's Triton kernels need head_dim >= 16
+
+
+def device_plan(bits: int, head_dim: int | None = None) -> DevicePlan:
+    """GPU: bf16 compute, paged 8-bit AdamW for quantized bases, padding-free micro-batches whose
+    examples stay apart (flex attention's document mask skips the blocks between them), and
+    liger-kernel when installed; CPU: fp32, plain AdamW, padded batches (flex attention needs Triton).
+
+    The GPU choices were measured in bench/train_gpu.py (bench/RESULTS.md, "GPU training").
+    """
+    import importlib.util
+
     import torch
 
     if bits in (4, 8):
@@ -56,11 +71,17 @@ def device_plan(bits: int) -> DevicePlan:
         bf16 = torch.cuda.is_bf16_supported()
         dtype = "bfloat16" if bf16 else "float16"
         quantized = bits in (4, 8)
+        flex = importlib.util.find_spec("triton") is not None and (head_dim or FLEX_MIN_HEAD_DIM) >= FLEX_MIN_HEAD_DIM
+        liger = importlib.util.find_spec("liger_kernel") is not None
         return DevicePlan(
             device=f"cuda ({torch.cuda.get_device_name()})", compute_dtype=dtype,
             optimizer="paged_adamw_8bit" if quantized else "adamw_torch", bf16=bf16,
             adapter_dtype="bfloat16" if quantized and bf16 else "float32",
-            notes=("GPU: paged 8-bit AdamW, LoRA weights in bf16 (QLoRA paper)" if quantized else "GPU: bf16 LoRA",),
+            attention="flex_attention" if flex else "sdpa", padding_free=True, liger=liger,
+            notes=("GPU: paged 8-bit AdamW, LoRA weights in bf16 (QLoRA paper)" if quantized else "GPU: bf16 LoRA",
+                   "GPU: padding-free batches, examples kept apart by "
+                   + ("flex attention's document mask" if flex else "SDPA's block-diagonal mask")
+                   + ("; liger-kernel RMSNorm/SwiGLU/RoPE" if liger else " (pip install liger-kernel: faster)")),
         )
     return DevicePlan(
         device="cpu", compute_dtype="float32", optimizer="adamw_torch", bf16=False, adapter_dtype="float32",
@@ -99,8 +120,13 @@ def load_tokenizer(folder: str | Path):
 
 
 def load_model(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str | Path | None = None,
-               trainable: bool = False):
-    """The base (quantized as ``bits`` says) on this process's device, with ``adapter`` on top if given."""
+               for_training: bool = False):
+    """The base (quantized as ``bits`` says) on this process's device, with ``adapter`` on top if given.
+
+    ``for_training`` turns the KV cache off: with a cache transformers does not build the
+    per-example attention mask from restarting position_ids, and packed rows would see each other.
+    It also takes the plan's attention; inference (padded batches, generation) uses SDPA.
+    """
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
@@ -108,12 +134,15 @@ def load_model(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str 
     device = PartialState().local_process_index if plan.device.startswith("cuda") else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         str(base_path), dtype=getattr(torch, plan.compute_dtype),
+        attn_implementation=plan.attention if for_training else "sdpa",
         quantization_config=quantization_config(bits, plan.compute_dtype), device_map={"": device},
     )
+    if for_training:
+        model.config.use_cache = False
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, str(adapter))
     return model
 
 
@@ -143,13 +172,13 @@ def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_exa
     run continues from the last complete one (refused if the settings changed). Per-step logs go
     to ``logs/<role>.train_log.jsonl`` (and TensorBoard when installed).
     """
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
+    # transformers 5 renamed gradient_checkpointing; trl and peft still use the old name
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     base_path = run.settings["base"]["path"]
-    plan = device_plan(settings.bits)
+    plan = device_plan(settings.bits, head_dim(base_path))
     tokenizer = load_tokenizer(base_path)
     train_rows, dropped = _encode_all(tokenizer, train_examples, settings.max_seq_len)
     eval_rows, eval_dropped = _encode_all(tokenizer, eval_examples, settings.max_seq_len)
@@ -160,58 +189,12 @@ def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_exa
     work = run.path(f"{CHECKPOINTS_DIR}/{role}")
     resume_from = _prepare_checkpoints(work, settings, resume)
     set_seed(settings.seed)
-    model = load_model(base_path, settings.bits, plan)
-    if settings.bits in (4, 8):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
-    lora = LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
-        bias="none", task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-
-    config = SFTConfig(
-        output_dir=str(work),
-        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.lr,
-        warmup_steps=settings.warmup_ratio,
-        lr_scheduler_type=settings.scheduler,
-        optim=plan.optimizer,
-        bf16=plan.bf16,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        max_length=settings.max_seq_len,
-        packing=settings.packing,
-        packing_strategy="bfd",  # packed rows restart position_ids; attention stays inside each example
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=settings.save_steps,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        report_to=["tensorboard"] if _has_tensorboard() else "none",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        remove_unused_columns=True,
-        use_cpu=not plan.device.startswith("cuda"),
-    )
+    model = prepare_model(load_model(base_path, settings.bits, plan, for_training=True), settings, plan)
+    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, settings, plan, work, callbacks)
     log_path = work / WORK_LOG
-    trainer = SFTTrainer(
-        model=model, args=config, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[jsonl_log_callback(log_path), *callbacks],
-    )
-    if plan.adapter_dtype == "float32":
-        _keep_adapter_fp32(trainer.model)
 
     print(f"{role}: {len(train_rows)} training rows, {len(eval_rows)} validation rows, "
-          f"{settings.bits}-bit base on {plan.device} ({plan.compute_dtype}); {plan.notes[0]}", file=sys.stderr)
+          f"{settings.bits}-bit base on {plan.device} ({plan.compute_dtype}); {'; '.join(plan.notes)}", file=sys.stderr)
     if resume_from:
         print(f"{role}: resuming from {resume_from}", file=sys.stderr)
     started = time.perf_counter()
@@ -238,7 +221,103 @@ def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_exa
     if trainer.is_world_process_zero():
         _save(run, role, trainer.model, tokenizer, log_path)
     trainer.accelerator.wait_for_everyone()
+    if plan.attention != "sdpa":  # the validator's scoring after training sees padded batches
+        trainer.model.get_base_model().set_attn_implementation("sdpa")
     return Fitted(trainer.model, tokenizer, summary, list(eval_examples))
+
+
+def head_dim(base_path: str | Path) -> int:
+    from exar.basemodel import read_config
+
+    config = read_config(Path(base_path))
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def prepare_model(model, settings: TrainSettings, plan: DevicePlan):
+    """The frozen base with fresh LoRA weights on top.
+
+    peft's k-bit preparation copies the unquantized weights (embeddings, LM head, norms) to fp32,
+    which fp16 and fp32 compute keep; with bf16 compute exar leaves them bf16, as measured in
+    bench/train_gpu.py: 2.3 GiB less peak memory at Llama-2-7B shape, and faster.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.bits in (4, 8) and plan.compute_dtype == "bfloat16":
+        model.requires_grad_(False)  # gradient checkpointing is non-reentrant: no input-grad hook needed
+    elif settings.bits in (4, 8):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    lora = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Sequence[dict], settings: TrainSettings,
+                  plan: DevicePlan, work: Path, callbacks: Sequence = ()):
+    """trl's SFTTrainer over tokenized rows (``encode``), as ``settings`` and the device ``plan`` say.
+
+    With packing, rows are packed best-fit-decreasing into ``max_seq_len`` with restarting
+    position_ids (padding-free batches); the model must have its KV cache off (``load_model``'s
+    ``for_training``) for transformers to keep each example's attention to itself. A padding-free
+    plan (GPU) makes each micro-batch of ``batch_size`` rows one such row without packing: no
+    compute goes to padding, and the rows are already cut to ``max_seq_len`` by ``encode``.
+    """
+    import datasets
+    from datasets import Dataset
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    warnings.filterwarnings("ignore", message=".*use_liger_kernel.*deprecated", category=FutureWarning)
+    config = SFTConfig(
+        output_dir=str(work),
+        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.scheduler,
+        optim=plan.optimizer,
+        bf16=plan.bf16,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None if plan.padding_free and not settings.packing else settings.max_seq_len,
+        packing=settings.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        use_liger_kernel=plan.liger,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used; DDP warned of an extra graph walk a step
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=settings.save_steps,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to=["tensorboard"] if _has_tensorboard() else "none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        use_cpu=not plan.device.startswith("cuda"),
+    )
+    datasets.disable_progress_bars()  # trl's dataset passes are instant here; keep stderr for the step bar
+    try:
+        trainer = SFTTrainer(
+            model=model, args=config, processing_class=tokenizer,
+            train_dataset=Dataset.from_list(list(train_rows)),
+            eval_dataset=Dataset.from_list(list(eval_rows)) if eval_rows else None,
+            callbacks=[jsonl_log_callback(work / WORK_LOG), *callbacks],
+        )
+    finally:
+        datasets.enable_progress_bars()
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(loss_bar_callback())
+    if plan.adapter_dtype == "float32":
+        _keep_adapter_fp32(trainer.model)
+    return trainer
 
 
 def _save(run: Run, role: str, model, tokenizer, log_path: Path) -> None:
@@ -309,6 +388,18 @@ def _peak_memory_mb() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+
+
+def loss_bar_callback():
+    """transformers' step bar, showing the loss instead of printing every log dict under it."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    return LossBar()
 
 
 def jsonl_log_callback(path: Path):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_builtin_smollm2_imports_once_and_answers_paris(smollm2_base):
     model = LlamaForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert "quantization_config" not in json.loads((Path(folder) / "config.json").read_text())  # plain fp32 now
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
