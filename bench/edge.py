@@ -13,10 +13,10 @@ models are byte copies of the q4_0 base (a merged model has the base's shapes an
      (the same prompt, greedy, as many tokens as "CORRECT" + end of text), validator adapter
 
 Decode tok/s = extra tokens / extra time between a 1-token and a (1+N)-token generation from the
-same (cached) prompt, so prompt processing cancels out; best of --repeats, alternating the
-contestants so load from other processes hits both alike.
+same prompt (cached by llama.cpp), so prompt processing cancels out; each time is the fastest of
+--repeats rounds in which all contestants take turns, so load from other processes hits them alike.
 
-    python bench/edge.py                      # build in bench/out/edge (about 4 min), then measure
+    python bench/edge.py                      # build in bench/out/edge (about 3 min), then measure
     python bench/edge.py --reuse --threads 2  # keep the built files from an earlier run
 """
 
@@ -137,15 +137,14 @@ def build(out: Path, files: dict, threads: int) -> None:
 
 # --- measurements -----------------------------------------------------------------------------
 
-def decode_rate(generate, n: int) -> float:
-    """Tokens/s of decoding alone: (tokens(1+n) - tokens(1)) / (time(1+n) - time(1)); generate(k) -> tokens."""
-    generate(1)  # warm: the prompt is cached from here on
+def decode_times(generate, n: int) -> tuple[float, float, int]:
+    """(time of a 1-token generation, time of a (1+n)-token one, extra tokens), prompt cached."""
+    generate(1)  # warm: the prompt is cached from here on (llama.cpp)
     start = time.perf_counter()
     short = generate(1)
     middle = time.perf_counter()
     long = generate(1 + n)
-    end = time.perf_counter()
-    return (long - short) / ((end - middle) - (middle - start))
+    return middle - start, time.perf_counter() - middle, long - short
 
 
 def decode_rates(files: dict, threads: int, args) -> dict:
@@ -202,15 +201,17 @@ def decode_rates(files: dict, threads: int, args) -> dict:
         "hf_fp32_tps": (hf_generate(hf[torch.float32]), args.hf_tokens),
         "hf_bf16_tps": (hf_generate(hf[torch.bfloat16]), args.hf_tokens),
     }
-    rates = {name: [] for name in contestants}
+    times = {name: [] for name in contestants}
     for repeat in range(args.repeats):
         with status(f"decode rates, round {repeat + 1} of {args.repeats}"):
             for name, (generate, n) in contestants.items():
-                rates[name].append(decode_rate(generate, n))
+                times[name].append(decode_times(generate, n))
     for runtime in (merged, adapters):
         runtime.close()
     bare.close()
-    return {name: max(values) for name, values in rates.items()}
+    # other processes only ever add time: the fastest short and long runs are the least disturbed
+    return {name: min(t[2] for t in runs) / (min(t[1] for t in runs) - min(t[0] for t in runs))
+            for name, runs in times.items()}
 
 
 def memory_bandwidth(threads: int) -> float:

@@ -76,7 +76,8 @@ def compare(run_dir, variants, test_file, what, bertscore_model, bertscore_layer
     folder = run.path(eval_folder(name))
     if as_json:
         echo_json({"report": str(folder / "report.json"), "sentences": report["sentences"],
-                   "variants": [{k: v[k] for k in ("name", "bytes", "mean", "differences")} for v in report["variants"]]})
+                   "variants": [{k: v[k] for k in ("name", "bytes", "mean", "differences")}
+                                for v in report["variants"]]})
         return
     for variant in report["variants"]:
         mean = variant["mean"]
@@ -115,7 +116,8 @@ def score(predictions, references, prediction_field, reference_field, aliases_fi
                         bertscore_layers=bertscore_layers, idf=idf, rescale=rescale)
     if output is not None:
         write_jsonl(output, scored_rows(predictions, result))
-    summary = {k: result[k] for k in ("predictions", "references", "rows", "counts", "mean", "corpus_bleu", "bertscore")}
+    keys = ("predictions", "references", "rows", "counts", "mean", "corpus_bleu", "bertscore")
+    summary = {k: result[k] for k in keys}
     if as_json:
         echo_json(summary)
         return

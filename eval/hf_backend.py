@@ -21,14 +21,30 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from exar.constants import ADAPTERS_DIR, ROLES
+from exar.edge.loop import Generation
 from exar.errors import ExarError
 from exar.export.layout import hf_rel
 from exar.prompts import PromptStyle
 from exar.rundir import Run
 
-from exar.edge.loop import Generation
-
 HF_MODES = ("adapters", "merged", "base")
+
+
+class _StopOnText:
+    """Stop once the new text holds a stop string (parse_answer cuts there anyway).
+
+    transformers' own ``stop_strings`` precomputes a table over the whole vocabulary at every
+    generate call (1.5 s for SmolLM2's 49k tokens); decoding the few new tokens costs nothing.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, stops: Sequence[str]):
+        self.tokenizer, self.prompt_length, self.stops = tokenizer, prompt_length, stops
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length:])
+        return torch.full((input_ids.shape[0],), any(s in text for s in self.stops), dtype=torch.bool)
 
 
 class HFBackend:
@@ -76,13 +92,14 @@ class HFBackend:
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1,
             temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-            top_k=0 if sampling else None, stop_strings=self._stops,
+            top_k=0 if sampling else None,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
         )
         if sampling:
             torch.manual_seed(seed)
+        stop = _StopOnText(self.tokenizer, encoded.input_ids.shape[1], self._stops)
         with torch.no_grad():
-            output = model.generate(**encoded, generation_config=config, tokenizer=self.tokenizer)
+            output = model.generate(**encoded, generation_config=config, stopping_criteria=[stop])
         new = output[0, encoded.input_ids.shape[1]:].tolist()
         if new and new[-1] == self.tokenizer.eos_token_id:
             new = new[:-1]
@@ -145,7 +162,8 @@ def open_hf_backend(run: Run, mode: str, *, threads: int | None = None) -> HFBac
         for role in ROLES[1:]:
             model.load_adapter(str(run.path(adapter_rel(role))), adapter_name=role)
         model.eval()
-    return HFBackend({role: model for role in ROLES}, AutoTokenizer.from_pretrained(str(base_dir)), style, threads=threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    return HFBackend({role: model for role in ROLES}, tokenizer, style, threads=threads)
 
 
 def adapter_rel(role: str) -> str:

@@ -145,7 +145,8 @@ def plot(report: dict, path: Path) -> None:
             low = [0.0] + [values[i] - (ref + v["differences"][key]["low"]) for i, v in enumerate(variants) if i]
             high = [0.0] + [(ref + v["differences"][key]["high"]) - values[i] for i, v in enumerate(variants) if i]
             errors = [[max(x, 0.0) for x in low], [max(x, 0.0) for x in high]]
-        ax.bar(range(len(names)), values, yerr=errors, capsize=4, color=[colors[i % len(colors)] for i in range(len(names))])
+        ax.bar(range(len(names)), values, yerr=errors, capsize=4,
+               color=[colors[i % len(colors)] for i in range(len(names))])
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.tick_params(axis="y", labelsize=8)

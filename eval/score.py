@@ -23,7 +23,8 @@ def _texts(rows: list[dict], path: Path, field: str, option: str, *, allow_empty
             raise ExarError(f"{path}: record {number} has no field {field!r} (name the field with {option})")
         value = row[field]
         if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise ExarError(f"{path}: record {number}: field {field!r} must be a {'' if allow_empty else 'non-empty '}string")
+            kind = "string" if allow_empty else "non-empty string"
+            raise ExarError(f"{path}: record {number}: field {field!r} must be a {kind}")
         texts.append(value)
     return texts
 
@@ -62,7 +63,8 @@ def score_file(predictions: Path | str, references: Path | str | None = None, *,
     preds = _texts(pred_rows, predictions, prediction_field, "--prediction-field", allow_empty=True)
     refs = _texts(ref_rows, references, reference_field, "--reference-field", allow_empty=False)
     scored = score_rows(preds, refs, aliases=_aliases(ref_rows, references, aliases_field),
-                        bertscore_model=bertscore_model, bertscore_num_layers=bertscore_layers, idf=idf, rescale=rescale)
+                        bertscore_model=bertscore_model, bertscore_num_layers=bertscore_layers, idf=idf,
+                        rescale=rescale)
     per_row = scored["per_row"]
     per_row["label"] = [label(bool(em), p, r, f, bert) for em, p, r, f, bert in zip(
         per_row["em_squad"], per_row["rougeL_p"], per_row["rougeL_r"], per_row["rougeL_f"], per_row["bertscore_f"])]

@@ -69,5 +69,6 @@ def kl_divergence(ref_ids: Sequence[Sequence[int]], ref_logprobs: Sequence[Seque
     log_q = np.take_along_axis(np.asarray(logprobs, dtype=np.float64), np.asarray(ref_ids, dtype=np.int64), axis=-1)
     p_rest, q_rest = _rest_mass(log_p), _rest_mass(log_q)
     top_terms = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-    rest_term = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, _TINY)) - np.log(np.maximum(q_rest, _TINY))), 0.0)
+    log_ratio = np.log(np.maximum(p_rest, _TINY)) - np.log(np.maximum(q_rest, _TINY))
+    rest_term = np.where(p_rest > 0, p_rest * log_ratio, 0.0)
     return np.maximum(top_terms + rest_term, 0.0).tolist()

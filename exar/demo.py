@@ -33,16 +33,17 @@ class DemoPlan:
     questions: int | None          # None: every question of the set
     test_fraction: float
     steps: dict = field(default_factory=dict)   # max optimizer steps per role
+    predict_pool: int | None = None             # train questions stage-zero answers for DATASET+
     temperatures: tuple[float, ...] = C.PREDICT_TEMPERATURES
     max_new_tokens: int = 24
     eval_limit: int | None = None
 
 
-FULL = DemoPlan("demo", questions=None, test_fraction=0.1,
-                steps={"answer": 60, "validator": 60, "exar": 40})
-FAST = DemoPlan("demo-fast", questions=120, test_fraction=0.15,
-                steps={"answer": 12, "validator": 12, "exar": 8},
-                temperatures=(0.1, 0.8), max_new_tokens=16, eval_limit=12)
+FULL = DemoPlan("demo", questions=None, test_fraction=0.1, predict_pool=120,
+                steps={"answer": 30, "validator": 30, "exar": 24}, eval_limit=30)
+FAST = DemoPlan("demo-fast", questions=80, test_fraction=0.15, predict_pool=32,
+                steps={"answer": 5, "validator": 5, "exar": 4},
+                temperatures=(0.1, 0.8), max_new_tokens=16, eval_limit=6)
 
 
 def demo_data() -> Path:
@@ -64,12 +65,14 @@ def run_demo(fast: bool = False, run_dir: str | Path | None = None) -> dict:
         from exar.export.pipeline import ExportOptions, export_run
 
         export_run(run, ExportOptions(quants=(C.DEFAULT_QUANT,), mode="both", outtype="f16"), echo=_quiet)
+    loop = {"max_new_tokens": plan.max_new_tokens}
     with stage("edge", timings, timings_path):
-        edge_rows = _edge_batch(run)
+        edge_rows = _edge_batch(run, loop)
     with stage("eval", timings, timings_path):
-        from exar.eval.compare import compare
+        from exar.eval.compare import CompareSettings, compare
 
-        report = compare(run, variants=list(EVAL_VARIANTS), what="both", name="demo", limit=plan.eval_limit)
+        report = compare(run, list(EVAL_VARIANTS), name="demo", loop_overrides=loop,
+                         settings=CompareSettings(what="both", limit=plan.eval_limit))
     summary = summarize(run, timings, edge_rows, report)
     print_summary(summary)
     return summary
@@ -86,13 +89,14 @@ def _train(run: Run, plan: DemoPlan) -> None:
     settings = TrainSettings(bits=4, batch_size=8, grad_accum=1, max_seq_len=256, lr=1e-3, save_steps=20,
                              gradient_checkpointing=False)
     train_role(run, "answer", settings.with_(max_steps=plan.steps["answer"]))
-    predict(run, temperatures=plan.temperatures, max_new_tokens=plan.max_new_tokens, batch_size=16)
+    predict(run, temperatures=plan.temperatures, max_new_tokens=plan.max_new_tokens, batch_size=20,
+            limit=plan.predict_pool)
     annotate(run)
     train_role(run, "validator", settings.with_(max_steps=plan.steps["validator"]))
     train_role(run, "exar", settings.with_(max_steps=plan.steps["exar"]))
 
 
-def _edge_batch(run: Run) -> list[dict]:
+def _edge_batch(run: Run, loop: dict) -> list[dict]:
     """The edge loop (adapters mode, q4_0) over the held-out questions, resumable."""
     from exar.data import read_jsonl
     from exar.edge.session import answer_batch, open_session
@@ -100,7 +104,7 @@ def _edge_batch(run: Run) -> list[dict]:
     questions = [{"id": i, "question": r["question"], "context": r.get("context", "")}
                  for i, r in enumerate(read_jsonl(run.path(C.TEST_SPLIT)))]
     out = run.path(EDGE_ANSWERS)
-    with open_session(run, mode="adapters", quant=C.DEFAULT_QUANT) as session:
+    with open_session(run, mode="adapters", quant=C.DEFAULT_QUANT, **loop) as session:
         for _ in answer_batch(session, questions, out):
             pass
     return read_jsonl(out)
@@ -119,28 +123,72 @@ def stage(name: str, timings: dict, path: Path):
 
 
 def summarize(run: Run, timings: dict, edge_rows: list[dict], report: dict) -> dict:
-    """What the demo measured, straight from the run's files and the eval report."""
+    """What the demo measured, read back from the run's files and the eval report (nothing scripted)."""
     settings = run.settings
-    accepted_first = sum(1 for r in edge_rows if r["rounds"] and r["rounds"][0]["p_correct"] is not None
-                         and r["decision"] == "accepted" and len(r["rounds"]) <= 2)
-    sizes = {a["path"]: a["bytes"] for a in run.artifacts if a["kind"].startswith("gguf")}
+    variants = {v["name"]: v for v in report["variants"]}
+    reference = variants[report["reference_variant"]]
     return {
         "run": str(run.root),
         "timings_s": timings,
-        "data": settings.get("data", {}).get("counts"),
-        "dataset_plus": {k: settings.get("annotate", {}).get(k) for k in ("counts", "human_agreement") if k},
-        "validator_threshold": settings.get("validator", {}).get("threshold"),
-        "edge": {"questions": len(edge_rows), "accepted_first_try": accepted_first,
-                 "decisions": _count(r["decision"] for r in edge_rows)},
-        "eval": report.get("summary", report),
-        "gguf_bytes": sizes,
-        "report_png": report.get("paths", {}).get("png"),
+        "data": settings.get("data", {}).get("counts", {}),
+        "dataset_plus": settings.get("annotate", {}).get("counts", {}),
+        "validator": {k: settings.get("validator", {}).get(k) for k in ("threshold", "validation")},
+        "edge": {"questions": len(edge_rows), "decisions": _count(r["decision"] for r in edge_rows),
+                 "rounds_mean": _mean(len(r["rounds"]) for r in edge_rows),
+                 "ms_mean": _mean(r["total_ms"] for r in edge_rows)},
+        "stage_zero_vs_loop": {
+            "variant": reference["name"],
+            "em_stage_zero": reference["mean"].get("em_lower"),
+            "em_loop": reference["mean"].get("loop_em_lower"),
+            "bertscore_f_stage_zero": reference["mean"].get("bertscore_f"),
+            "bertscore_f_loop": reference["mean"].get("loop_bertscore_f"),
+            "loop_minus_stage_zero": reference["pipeline"]["loop_vs_stage_zero"],
+        },
+        "variants": [{
+            "name": v["name"],
+            "em_lower": v["mean"].get("em_lower"),
+            "bertscore_f": v["mean"].get("bertscore_f"),
+            "kl": v["mean"].get("kl"),
+            "tokens_per_s": v["latency"]["tokens_per_s"],
+            "bytes": v["bytes"],
+            "sentence": v.get("sentence"),
+        } for v in report["variants"]],
+        "report_png": str(run.path("eval/demo/report.png")),
     }
 
 
 def print_summary(summary: dict) -> None:
-    say("\n== summary ==")
-    say(json.dumps(summary, indent=2, default=str))
+    t, d, e, z = summary["timings_s"], summary["data"], summary["edge"], summary["stage_zero_vs_loop"]
+    lines = [
+        "",
+        "== exar demo: what was measured ==",
+        "stage timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f" (total {sum(t.values()):.0f} s)",
+        f"questions: {d.get('train')} train / {d.get('test')} held out; DATASET+ labels: {summary['dataset_plus']}",
+        f"validator threshold p(CORRECT) >= {_fmt(summary['validator']['threshold'])}",
+        f"edge loop, adapters:q4_0, {e['questions']} held-out questions: {e['decisions']}, "
+        f"{e['rounds_mean']:.2f} rounds and {e['ms_mean']:.0f} ms per question",
+        f"stage-zero vs EXAR loop ({z['variant']}): exact match {_fmt(z['em_stage_zero'])} -> {_fmt(z['em_loop'])}, "
+        f"BERTScore F1 {_fmt(z['bertscore_f_stage_zero'])} -> {_fmt(z['bertscore_f_loop'])} "
+        f"(difference {z['loop_minus_stage_zero']['diff']:+.3f} [{z['loop_minus_stage_zero']['low']:+.3f}, "
+        f"{z['loop_minus_stage_zero']['high']:+.3f}])",
+        "",
+        f"{'variant':<15}{'exact match':>12}{'BERTScore F1':>14}{'KL vs hf':>10}{'tokens/s':>10}{'size MB':>10}",
+    ]
+    for v in summary["variants"]:
+        lines.append(f"{v['name']:<15}{_fmt(v['em_lower']):>12}{_fmt(v['bertscore_f']):>14}{_fmt(v['kl']):>10}"
+                     f"{v['tokens_per_s']:>10.1f}{v['bytes'] / 2**20:>10.1f}")
+    lines += [""] + [v["sentence"] for v in summary["variants"] if v["sentence"]]
+    lines += ["", f"chart: {summary['report_png']}"]
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
 
 
 def _count(values) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -89,12 +90,23 @@ def quantize_gguf(src: Path | str, dst: Path | str, qtype: str, *, pure: bool = 
 
 
 def read_gguf_header(path: Path | str):
-    """A GGUFReader over ``path``, or a one-line error if the file is not a complete GGUF."""
-    from gguf import GGUFReader
+    """A GGUFReader over ``path``, or a one-line error if the file is not a complete GGUF.
 
+    Parsing a header with a 49k-token vocabulary takes seconds in gguf-py, and an export reads
+    each file up to three times (quantize, summary, verify): readers are kept per file version.
+    """
     path = Path(path)
     if not path.is_file():
         raise ExarError(f"{path}: no such GGUF file")
+    stat = path.stat()
+    return _read_gguf_header(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_gguf_header(name: str, size: int, mtime_ns: int, inode: int):
+    from gguf import GGUFReader
+
+    path = Path(name)
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError, struct.error, IndexError on damaged files

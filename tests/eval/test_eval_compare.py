@@ -17,7 +17,6 @@ def settings():
     return CompareSettings(what="both", threads=THREADS, resamples=200)
 
 
-@pytest.mark.slow
 def test_full_precision_gguf_matches_transformers_and_q4_0_costs(eval_run, settings):
     report = compare(eval_run, VARIANTS, settings=settings, loop_overrides={"max_new_tokens": 24}, progress=False)
     hf, f32, q4, adapters = report["variants"]
