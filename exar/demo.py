@@ -79,21 +79,17 @@ def run_demo(fast: bool = False, run_dir: str | Path | None = None) -> dict:
 
 
 def _train(run: Run, plan: DemoPlan) -> None:
-    from exar.train.pipeline import DataOptions, prepare_data, train_role
-    from exar.train.annotate import annotate
-    from exar.train.predict import predict
+    """`exar-train all` on the demo data: 4-bit on the CPU, steps from the plan."""
+    from exar.train.pipeline import DataOptions, run_all
     from exar.train.settings import TrainSettings
 
-    options = DataOptions(fmt="jsonl", limit=plan.questions, test_fraction=plan.test_fraction)
-    prepare_data(BASE, demo_data(), run_dir=run.root, options=options)
     settings = TrainSettings(bits=4, batch_size=8, grad_accum=1, max_seq_len=256, lr=1e-3, save_steps=20,
                              gradient_checkpointing=False)
-    train_role(run, "answer", settings.with_(max_steps=plan.steps["answer"]))
-    predict(run, temperatures=plan.temperatures, max_new_tokens=plan.max_new_tokens, batch_size=20,
-            limit=plan.predict_pool)
-    annotate(run)
-    train_role(run, "validator", settings.with_(max_steps=plan.steps["validator"]))
-    train_role(run, "exar", settings.with_(max_steps=plan.steps["exar"]))
+    run_all(BASE, demo_data(), settings, run_dir=run.root,
+            options=DataOptions(fmt="jsonl", limit=plan.questions, test_fraction=plan.test_fraction),
+            role_settings={role: settings.with_(max_steps=steps) for role, steps in plan.steps.items()},
+            predict_options={"temperatures": plan.temperatures, "max_new_tokens": plan.max_new_tokens,
+                             "batch_size": 20, "limit": plan.predict_pool})
 
 
 def _edge_batch(run: Run, loop: dict) -> list[dict]:

@@ -184,17 +184,22 @@ def stage_zero(base: str | Path, data: str | Path, settings: TrainSettings = Tra
 def run_all(base: str | Path, data: str | Path, settings: TrainSettings = TrainSettings(), *,
             run_dir: str | Path | None = None, options: DataOptions = DataOptions(), layout: str = "plain",
             predict_options: dict | None = None, annotate_options: dict | None = None,
+            role_settings: dict[str, TrainSettings] | None = None,
             add_references: str = "auto", resume: bool = True, force: bool = False) -> Run:
-    """stage-zero -> predict -> annotate -> validator -> exar, each skipped when already done."""
+    """stage-zero -> predict -> annotate -> validator -> exar, each skipped when already done.
+
+    ``role_settings`` overrides ``settings`` for some roles (the demo gives each its own steps).
+    """
     from exar.train.annotate import annotate
     from exar.train.predict import predict
 
-    run = stage_zero(base, data, settings, run_dir=run_dir, options=options, layout=layout,
+    for_role = {role: (role_settings or {}).get(role, settings) for role in C.ROLES}
+    run = stage_zero(base, data, for_role["answer"], run_dir=run_dir, options=options, layout=layout,
                      resume=resume, force=force)
     predict(run, force=force, **(predict_options or {}))
     annotate(run, force=force, **(annotate_options or {}))
-    train_role(run, "validator", settings, resume=resume, force=force, add_references=add_references)
-    train_role(run, "exar", settings, resume=resume, force=force)
+    train_role(run, "validator", for_role["validator"], resume=resume, force=force, add_references=add_references)
+    train_role(run, "exar", for_role["exar"], resume=resume, force=force)
     return run
 
 
