@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -85,11 +84,10 @@ def child(src: str, dst: str) -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's before exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS in bytes (the edge runtime's VmHWM reading)."""
+    from exar.edge.runtime import peak_rss_mb
+
+    return int(peak_rss_mb() * 2**20)
 
 
 def main() -> None:
