@@ -155,7 +155,9 @@ def decode_rates(files: dict, threads: int, args) -> dict:
     once (about 8 GiB), so load from other processes hits them alike.
     """
     import torch
-    from llama_cpp import Llama
+    from exar.llamacpp import load_llama_cpp
+
+    Llama = load_llama_cpp().Llama  # the same workaround as exar's runtime, for a fair comparison
     from transformers import AutoModelForCausalLM
 
     from exar.edge.runtime import EdgeModels, LlamaRuntime
@@ -266,7 +268,8 @@ def verdict_vs_text(files: dict, threads: int, repeats: int) -> dict:
 def rss_child(files: dict, mode: str, threads: int) -> dict:
     """Peak RSS of a process that loads one mode and answers one question with all three roles."""
     from exar.edge.loop import LoopSettings, run_loop
-    from exar.edge.runtime import EdgeModels, LlamaRuntime, peak_rss_mb
+    from exar.edge.runtime import EdgeModels, LlamaRuntime
+    from exar.resources import peak_rss_mb
     from exar.prompts import PLAIN
 
     models = (EdgeModels("adapters", "q4_0", base=files["q4_0"], loras=files["loras"]) if mode == "adapters"

@@ -85,7 +85,7 @@ def child(src: str, dst: str) -> None:
 
 def peak_rss() -> int:
     """This process's peak RSS in bytes (the edge runtime's VmHWM reading)."""
-    from exar.edge.runtime import peak_rss_mb
+    from exar.resources import peak_rss_mb
 
     return int(peak_rss_mb() * 2**20)
 

@@ -1,23 +1,37 @@
-"""QLoRA speed and memory at Llama-2-7B shape on one GPU: the seeds' plain recipe against exar's trainer.
+"""QLoRA speed and memory at Llama-2-7B shape on one GPU: exar's trainer against the best off-the-shelf setups.
 
 Random weights at full Llama-2-7B shape (speed and memory do not depend on their values), quantized
 to NF4 + double quant on the GPU, LoRA r=16 on q/k/v/o, dolly-like lengths (seeded lognormal,
 median 99 tokens, clipped to [16, 512]), the same 32 examples per optimizer step in every recipe:
 
-  plain   the recipe the seeds used: trl SFTTrainer, rows padded to 512, batch 8 x 4 accumulation,
-          SDPA attention, gradient checkpointing, prepare_model_for_kbit_training
-  exar    exar's trainer with its GPU defaults (exar.train.trainer): the same 32 examples in one
-          padding-free row whose examples do not see each other (position ids restart; flex
-          attention's document mask skips the blocks between examples), liger-kernel fused ops
+  plain        the seeds' recipe: trl SFTTrainer, rows padded to 512, batch 8 x 4 accumulation, SDPA,
+               gradient checkpointing, prepare_model_for_kbit_training
+  trl-default  trl alone as its docs set QLoRA up (peft_config to SFTTrainer), its defaults: rows padded
+               to the longest of each micro-batch, 8 x 4, SDPA, no liger
+  trl-flex     trl alone, its fastest flags: padding_free=True, use_liger_kernel=True,
+               attn_implementation="flex_attention", gradient checkpointing, one micro-batch of 32
+  unsloth      Unsloth's FastLanguageModel on the same weights (saved once to a folder), same LoRA
+               rank and targets, its fast path (LoRA dropout 0), gradient checkpointing on the GPU,
+               padding-free batches of 32; runs in its own process with its own site (--unsloth-site)
+  exar         exar's trainer with its GPU defaults (exar.train.trainer.device_plan): trl-flex's
+               configuration plus exar's fused NF4 + LoRA layers (exar.train.kernels)
+  exar-flex    exar's trainer without exar's kernels: the trl-flex configuration through exar's code
+  exar+LEVER   exar-flex with one lever (adamw: fused AdamW, keepN, expandable) or none (no-gc, d0);
+               exar+kernels+adamw: exar's defaults with fused AdamW instead of paged 8-bit
 
 Each recipe runs in its own process (clean peak memory; liger patches transformers' classes).
-Only useful tokens count: the non-padding tokens of the examples. MFU = 6 x matmul parameters x
-useful tokens/s over the bf16 matrix rate measured here by an 8192^3 torch.matmul.
+Only useful tokens count: the non-padding tokens of the examples. Tokens/s is over all timed steps
+(the same examples in every recipe), with the median and range of the per-step rates beside it.
+Memory: peak allocated and peak reserved (what the GPU has to hold). MFU counts the matrix
+products done for the useful tokens: 2 x N forward + 2 x N backward (frozen base: no weight
+gradients) + 2 x N again for every layer that gradient checkpointing recomputes, over the bf16
+matrix rate measured here by an 8192^3 torch.matmul.
 
-    python bench/train_gpu.py                        # plain and exar, then the table and ratios
-    python bench/train_gpu.py --recipes plain,exar,exar-no-gc,exar-sdpa --json out.json   # levers
-    python bench/train_gpu.py --recipes exar --processes 1,2     # DDP scaling, same global batch
-    python bench/train_gpu.py --shape tiny --device cpu          # this script's logic, no GPU
+    python bench/train_gpu.py --recipes plain,trl-default,trl-flex,unsloth,exar --unsloth-site /tmp/usite
+    python bench/train_gpu.py --recipes trl-flex,exar-flex,exar,exar+adamw,exar+keep4 --json out.json
+    python bench/train_gpu.py --recipes trl-flex,exar --profile 2   # where one step's GPU time goes
+    python bench/train_gpu.py --recipes exar --processes 1,2      # DDP scaling, same global batch
+    python bench/train_gpu.py --shape tiny --device cpu --recipes plain,trl-flex,exar  # the logic, no GPU
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,36 +55,49 @@ SHAPES = {"llama2-7b": LLAMA2_7B, "tiny": TINY}
 
 MEDIAN_TOKENS, LENGTH_SIGMA, MIN_TOKENS, MAX_TOKENS = 99, 0.8, 16, 512
 EXAMPLES_PER_STEP = 32
+LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="none")
+LORA_DROPOUT = 0.05   # exar's default (exar.constants.LORA_DROPOUT) and the seeds'
+PEERS = ("trl-flex", "unsloth")  # the off-the-shelf setups exar must beat
+LOSS_REFERENCE = "trl-flex"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one recipe batches and computes; ``exar_defaults`` takes these from exar's trainer instead."""
+    """How one recipe batches and computes. ``exar`` recipes take exar's device plan and change ``plan``'s fields."""
 
     name: str
-    padding_free: bool
-    attention: str
-    liger: bool
-    gradient_checkpointing: bool
-    grad_accum: int   # micro-batches per optimizer step; the examples per step are the same for every recipe
-    exar_defaults: bool = False
+    kind: str                       # plain | trl | unsloth | exar
+    padding_free: bool = True
+    attention: str = "flex_attention"
+    liger: bool = True
+    gradient_checkpointing: bool = True
+    grad_accum: int = 1             # micro-batches per optimizer step; the examples per step are the same for all
+    pad_to: int | None = None       # padded recipes: every row padded to this many tokens (None: the longest)
+    lora_dropout: float = LORA_DROPOUT
+    plan: tuple = ()                # exar: (DevicePlan field, value) pairs changed from exar's defaults
+    alloc: str = ""                 # PYTORCH_CUDA_ALLOC_CONF for the recipe's process
+    notes: str = ""
 
 
-RECIPES = {
-    "plain": Recipe("plain", padding_free=False, attention="sdpa", liger=False, gradient_checkpointing=True,
-                    grad_accum=4),
-    "exar": Recipe("exar", padding_free=True, attention="flex_attention", liger=True, gradient_checkpointing=True,
-                   grad_accum=1, exar_defaults=True),
-    # levers, measured one at a time against exar's defaults
-    "exar-2mb": Recipe("exar-2mb", padding_free=True, attention="flex_attention", liger=True,
-                       gradient_checkpointing=True, grad_accum=2, exar_defaults=True),
-    "exar-sdpa": Recipe("exar-sdpa", padding_free=True, attention="sdpa", liger=False, gradient_checkpointing=True,
-                        grad_accum=1),
-    "exar-no-liger": Recipe("exar-no-liger", padding_free=True, attention="flex_attention", liger=False,
-                            gradient_checkpointing=True, grad_accum=1),
-    "exar-no-gc": Recipe("exar-no-gc", padding_free=True, attention="flex_attention", liger=True,
-                         gradient_checkpointing=False, grad_accum=1),
-}
+FLEX = (("kernels", False), ("keep_layers", 0), ("optimizer", "paged_adamw_8bit"))  # exar's code, trl-flex's choices
+RECIPES = {r.name: r for r in [
+    Recipe("plain", "plain", padding_free=False, attention="sdpa", liger=False, grad_accum=4, pad_to=MAX_TOKENS),
+    Recipe("trl-default", "trl", padding_free=False, attention="sdpa", liger=False, grad_accum=4),
+    Recipe("trl-flex", "trl"),
+    Recipe("unsloth", "unsloth", attention="unsloth", liger=False, lora_dropout=0.0,
+           notes="FastLanguageModel, LoRA dropout 0 (its fast path), checkpointing without CPU offload"),
+    Recipe("unsloth-offload", "unsloth", attention="unsloth", liger=False, lora_dropout=0.0,
+           notes="Unsloth's default checkpointing (activations offloaded to the CPU)"),
+    Recipe("exar", "exar"),
+    Recipe("exar-flex", "exar", plan=FLEX),
+    Recipe("exar+adamw", "exar", plan=(("kernels", False), ("keep_layers", 0), ("optimizer", "adamw_torch_fused"))),
+    Recipe("exar+kernels+adamw", "exar", plan=(("optimizer", "adamw_torch_fused"),)),
+    Recipe("exar+keep4", "exar", plan=(*FLEX[:1], ("keep_layers", 4), FLEX[2])),
+    Recipe("exar+keep8", "exar", plan=(*FLEX[:1], ("keep_layers", 8), FLEX[2])),
+    Recipe("exar+expandable", "exar", plan=FLEX, alloc="expandable_segments:True"),
+    Recipe("exar-no-gc", "exar", plan=FLEX, gradient_checkpointing=False),
+    Recipe("exar-d0", "exar", lora_dropout=0.0, notes="exar's defaults with Unsloth's LoRA dropout 0"),
+]}
 
 
 def dolly_like_rows(count: int, vocab: int, seed: int) -> list[dict]:
@@ -86,9 +114,8 @@ def dolly_like_rows(count: int, vocab: int, seed: int) -> list[dict]:
     return rows
 
 
-def random_llama_nf4(shape: dict, attention: str, seed: int, device: str):
-    """A randomly initialised Llama built on ``device``, every decoder Linear replaced by NF4 (double quant)."""
-    import bitsandbytes as bnb
+def random_llama(shape: dict, attention: str, seed: int, device: str):
+    """A randomly initialised Llama built on ``device`` (bf16 on a GPU): the same weights for every seed."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -96,7 +123,16 @@ def random_llama_nf4(shape: dict, attention: str, seed: int, device: str):
     config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def random_llama_nf4(shape: dict, attention: str, seed: int, device: str):
+    """``random_llama`` with every decoder Linear replaced by NF4 (double quant), as a 4-bit load would."""
+    import bitsandbytes as bnb
+    import torch
+
+    model = random_llama(shape, attention, seed, device)
+    dtype = model.dtype
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
@@ -131,8 +167,7 @@ def matmul_tflops(device: str) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
-    times.sort()
-    return 2 * 8192**3 / times[len(times) // 2] / 1e12
+    return 2 * 8192**3 / statistics.median(times) / 1e12
 
 
 class TokenCounter:
@@ -155,19 +190,35 @@ class TokenCounter:
             self.examples += int((positions == 0).sum())
 
 
-def step_clock(counter: TokenCounter, device: str):
+def step_clock(counter: TokenCounter, device: str, profile_from: int = -1, profile_steps: int = 0):
+    """A callback marking (time, useful tokens, examples) after every optimizer step; optionally profiling
+    ``profile_steps`` steps from step ``profile_from`` with torch.profiler."""
     import torch
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.marks = []  # (time, useful tokens, examples) after each optimizer step
+            self.marks = []
+            self.profiler = None
+            self.profile = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._mark()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile_steps and state.global_step == profile_from:
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+                self.profile_start = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             self._mark()
+            if self.profiler is not None and state.global_step == profile_from + profile_steps:
+                wall = time.perf_counter() - self.profile_start
+                self.profiler.__exit__(None, None, None)
+                self.profile = profile_summary(self.profiler, wall, profile_steps)
+                self.profiler = None
 
         def _mark(self):
             if device.startswith("cuda"):
@@ -177,36 +228,78 @@ def step_clock(counter: TokenCounter, device: str):
     return Clock()
 
 
-def plain_trainer(model, tokenizer, rows, recipe: Recipe, batch: int, steps: int, seed: int, work: Path, device: str):
-    """The seeds' recipe: peft's k-bit preparation, padded rows, SFTTrainer."""
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from trl import SFTConfig, SFTTrainer
+def profile_summary(profiler, wall_s: float, steps: int, top: int = 30) -> dict:
+    """GPU busy time per step against wall time, and the kernels that take it, grouped by name."""
+    events = [e for e in profiler.key_averages() if str(e.device_type).endswith("CUDA")]  # kernels, not ops
+    busy_us = sum(e.self_device_time_total for e in events) or 1.0
+    rows = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    lines = [f"{'ms/step':>8} {'share':>6} {'calls/step':>10}  kernel"]
+    for e in rows:
+        lines.append(f"{e.self_device_time_total / 1000 / steps:>8.2f} {e.self_device_time_total / busy_us:>6.1%} "
+                     f"{e.count / steps:>10.0f}  {e.key[:110]}")
+    cpu = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    lines.append(f"{'cpu ms/step':>11} {'calls/step':>10}  op (host time)")
+    for e in cpu:
+        lines.append(f"{e.self_cpu_time_total / 1000 / steps:>11.2f} {e.count / steps:>10.0f}  {e.key[:100]}")
+    return {"wall_ms_per_step": 1000 * wall_s / steps, "gpu_busy_ms_per_step": busy_us / 1000 / steps,
+            "table": "\n".join(lines)}
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             task_type="CAUSAL_LM"))
-    config = SFTConfig(
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    return LoraConfig(**LORA, lora_dropout=recipe.lora_dropout, task_type="CAUSAL_LM")
+
+
+def sft_config(recipe: Recipe, work: Path, batch: int, steps: int, seed: int, device: str, **overrides):
+    """trl's SFTConfig as a user of each recipe writes it: the same optimizer, schedule and seeds for all."""
+    from trl import SFTConfig
+
+    cuda = device.startswith("cuda")
+    values = dict(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=recipe.grad_accum, learning_rate=2e-4, lr_scheduler_type="constant",
-        optim="paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch",
-        bf16=device.startswith("cuda"), gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=MAX_TOKENS,
-        pad_to_multiple_of=MAX_TOKENS, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-        data_seed=seed, dataloader_num_workers=0, use_cpu=not device.startswith("cuda"),
+        optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda,
+        gradient_checkpointing=recipe.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=MAX_TOKENS, logging_steps=1, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
+        dataloader_num_workers=0, use_cpu=not cuda,
     )
-    return SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+    if recipe.padding_free:
+        values.update(padding_free=True, max_length=None)  # the rows are already cut to MAX_TOKENS
+    if recipe.pad_to:
+        values.update(pad_to_multiple_of=recipe.pad_to)
+    if recipe.liger:
+        values.update(use_liger_kernel=True)
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def plain_trainer(model, tokenizer, rows, recipe: Recipe, batch: int, steps: int, seed: int, work: Path, device: str):
+    """The seeds' recipe: peft's k-bit preparation, rows padded to 512, SFTTrainer."""
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(recipe))
+    return SFTTrainer(model=model, args=sft_config(recipe, work, batch, steps, seed, device),
+                      processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+
+
+def trl_trainer(model, tokenizer, rows, recipe: Recipe, batch: int, steps: int, seed: int, work: Path, device: str):
+    """trl alone: the quantized model and a LoraConfig handed to SFTTrainer, which makes the peft model."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, args=sft_config(recipe, work, batch, steps, seed, device), processing_class=tokenizer,
+                      train_dataset=Dataset.from_list(rows), peft_config=lora_config(recipe))
 
 
 def exar_plan(recipe: Recipe):
-    """exar's device plan; a lever recipe changes one of its choices."""
+    """exar's device plan with the recipe's changes."""
     from exar.train.trainer import device_plan
 
-    plan = device_plan(4)
-    if recipe.exar_defaults:
-        return plan
-    return replace(plan, attention=recipe.attention, liger=recipe.liger, padding_free=recipe.padding_free)
+    return replace(device_plan(4), **dict(recipe.plan))
 
 
 def exar_trainer(model, tokenizer, rows, recipe: Recipe, plan, batch: int, steps: int, seed: int, work: Path):
@@ -215,13 +308,47 @@ def exar_trainer(model, tokenizer, rows, recipe: Recipe, plan, batch: int, steps
     from exar.train.trainer import build_trainer, prepare_model
 
     settings = TrainSettings(max_steps=steps, batch_size=batch, grad_accum=recipe.grad_accum,
-                             lr=2e-4, warmup_ratio=0.0, scheduler="constant_with_warmup", eval_fraction=0.0,
-                             save_steps=10_000, seed=seed, max_seq_len=MAX_TOKENS,
+                             lr=2e-4, warmup_ratio=0.0, scheduler="constant_with_warmup",
+                             save_steps=10_000, seed=seed, max_seq_len=MAX_TOKENS, lora_dropout=recipe.lora_dropout,
                              gradient_checkpointing=recipe.gradient_checkpointing)
     return build_trainer(prepare_model(model, settings, plan), tokenizer, rows, [], settings, plan, work)
 
 
-def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, device: str, per_step: int) -> dict:
+def unsloth_trainer(folder: Path, rows, recipe: Recipe, batch: int, steps: int, seed: int, work: Path):
+    """Unsloth's own set-up on the saved random weights: FastLanguageModel, its get_peft_model, its SFTTrainer."""
+    import unsloth  # noqa: F401  must come before transformers, trl and peft (it patches them)
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=MAX_TOKENS, dtype=torch.bfloat16,
+                                                         load_in_4bit=True, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=LORA["r"], lora_alpha=LORA["lora_alpha"], target_modules=LORA["target_modules"],
+        lora_dropout=recipe.lora_dropout, bias="none", random_state=seed,
+        use_gradient_checkpointing="unsloth" if recipe.name == "unsloth-offload" else True)
+    # Unsloth turned its own checkpointing on above; the Trainer must not wrap the layers a second time
+    config = sft_config(replace(recipe, liger=False), work, batch, steps, seed, "cuda", dataset_num_proc=1,
+                        gradient_checkpointing=False)
+    return SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+
+
+def save_random_folder(shape: str, seed: int, folder: Path) -> None:
+    """The bf16 random weights every recipe starts from, as an HF folder (Unsloth loads models by name)."""
+    import torch
+
+    if (folder / "config.json").is_file():
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    model = random_llama(SHAPES[shape], "sdpa", seed, "cuda" if torch.cuda.is_available() else "cpu")
+    model.save_pretrained(str(partial))
+    _tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(str(partial))
+    partial.rename(folder)
+
+
+def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, device: str, per_step: int,
+              folder: Path | None, profile: int) -> dict:
     """One recipe, timed after ``warmup`` optimizer steps; returns its figures.
 
     Under ``accelerate launch`` (DDP) each process takes ``per_step / processes`` examples a step,
@@ -229,6 +356,9 @@ def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, de
     """
     import tempfile
 
+    started = time.perf_counter()
+    if recipe.kind == "unsloth":
+        import unsloth  # noqa: F401  first, before torch's friends
     import torch
     from accelerate import PartialState
 
@@ -238,48 +368,72 @@ def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, de
         torch.cuda.set_device(device)
     world = state.num_processes
     batch = per_step // world // recipe.grad_accum
-    tokenizer = _tokenizer(SHAPES[shape]["vocab_size"])
-    rows = dolly_like_rows(per_step * (warmup + steps), SHAPES[shape]["vocab_size"], seed)
-    plan = None if recipe.name == "plain" else exar_plan(recipe)
-    model = random_llama_nf4(SHAPES[shape], plan.attention if plan else recipe.attention, seed, device)
-    model.config.use_cache = False  # both recipes train without a KV cache (exar's load_model(for_training=True))
+    total = warmup + steps + profile  # profiled steps come after the timed ones (the profiler slows them)
+    rows = dolly_like_rows(per_step * total, SHAPES[shape]["vocab_size"], seed)
+    plan = exar_plan(recipe) if recipe.kind == "exar" else None
     counter = TokenCounter()
     with tempfile.TemporaryDirectory() as work:
-        if plan is None:
-            trainer = plain_trainer(model, tokenizer, rows, recipe, batch, warmup + steps, seed, Path(work), device)
+        if recipe.kind == "unsloth":
+            trainer = unsloth_trainer(folder, rows, recipe, batch, total, seed, Path(work))
         else:
-            trainer = exar_trainer(model, tokenizer, rows, recipe, plan, batch, warmup + steps, seed, Path(work))
+            tokenizer = _tokenizer(SHAPES[shape]["vocab_size"])
+            attention = plan.attention if plan else recipe.attention
+            model = random_llama_nf4(SHAPES[shape], attention, seed, device)
+            model.config.use_cache = False  # every recipe trains without a KV cache (exar's load_model(for_training))
+            build = {"plain": plain_trainer, "trl": trl_trainer}.get(recipe.kind)
+            if build:
+                trainer = build(model, tokenizer, rows, recipe, batch, total, seed, Path(work), device)
+            else:
+                trainer = exar_trainer(model, tokenizer, rows, recipe, plan, batch, total, seed, Path(work))
         trainer.model.register_forward_pre_hook(counter, with_kwargs=True)
-        clock = step_clock(counter, device)
+        clock = step_clock(counter, device, warmup + steps, profile)
         trainer.add_callback(clock)
         if device.startswith("cuda"):
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        setup_s = time.perf_counter() - started
         trainer.train()
     marks = clock.marks
-    (t0, n0, e0), (t1, n1, e1) = marks[warmup], marks[-1]
-    step_times = sorted(b[0] - a[0] for a, b in zip(marks[warmup:], marks[warmup + 1:]))
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    timed = marks[warmup:warmup + steps + 1]
+    step_s = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
+    step_tokens = [b[1] - a[1] for a, b in zip(timed, timed[1:])]
+    (t0, n0, e0), (t1, n1, e1) = timed[0], timed[-1]
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row][:warmup + steps]
     seen = torch.tensor([n1 - n0, e1 - e0], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(seen)  # tokens and examples of every process
+    cuda = device.startswith("cuda")
+    recompute = recomputed_fraction(recipe, plan, SHAPES[shape]["num_hidden_layers"])
     return {
         "recipe": recipe.name, **asdict(recipe), "per_device_batch": batch,
         **({"plan": plan.to_dict()} if plan else {}),
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "processes": world, "steps_timed": steps, "warmup_steps": warmup,
         "examples_per_step": float(seen[1]) / steps,
         "useful_tokens_per_s": float(seen[0]) / (t1 - t0),
-        "step_s_median": step_times[len(step_times) // 2],
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else float("nan"),
-        "first_losses": losses[:5],
-        "warmup_s": marks[warmup][0] - marks[0][0],
+        "step_s": step_s, "step_tokens": step_tokens,
+        "recomputed_fraction": recompute,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan"),
+        "losses": losses,
+        "setup_s": setup_s,
+        "warmup_s": timed[0][0] - marks[0][0],
+        **({"profile": clock.profile} if clock.profile else {}),
     }
+
+
+def recomputed_fraction(recipe: Recipe, plan, layers: int) -> float:
+    """The share of decoder layers whose forward gradient checkpointing runs twice."""
+    if not recipe.gradient_checkpointing:
+        return 0.0
+    keep = getattr(plan, "keep_layers", 0) if plan else 0
+    return max(layers - keep, 0) / layers
 
 
 def _tokenizer(vocab: int):
     """A tokenizer object SFTTrainer needs for padding; rows come tokenized already."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab_map, unk_token="<unk>")),
@@ -287,38 +441,62 @@ def _tokenizer(vocab: int):
     return tokenizer
 
 
-def n_matmul_params(shape: dict) -> int:
-    """Parameters that take part in matrix products (all but the embedding table)."""
+def matmul_params(shape: dict) -> tuple[int, int]:
+    """(decoder, LM head) parameters that take part in matrix products (the embedding table does not)."""
     h, i, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * vocab
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i), h * vocab
 
 
-def table(results: list[dict], tflops: float, shape: dict, baseline: str = "plain") -> str:
-    """One row per run: ratios against the one-GPU ``baseline`` recipe, scaling against the same recipe on one GPU."""
-    params = n_matmul_params(shape)
+def flops_per_token(shape: dict, recomputed: float) -> float:
+    """2N forward + 2N input gradients (no weight gradients for the frozen base; LoRA's are < 1%) + 2N for
+    each recomputed decoder layer; attention's own products (documents of ~130 tokens: ~1%) left out."""
+    decoder, head = matmul_params(shape)
+    return 4 * (decoder + head) + 2 * decoder * recomputed
+
+
+def summarize(r: dict, tflops: float, shape: dict) -> dict:
+    rates = sorted(n / s for n, s in zip(r["step_tokens"], r["step_s"]))
+    return {"tok_s": r["useful_tokens_per_s"], "step_median": statistics.median(r["step_s"]),
+            "rate_median": statistics.median(rates), "rate_min": rates[0], "rate_max": rates[-1],
+            "mfu": flops_per_token(shape, r["recomputed_fraction"]) * r["useful_tokens_per_s"] / r["processes"]
+            / (tflops * 1e12)}
+
+
+def table(results: list[dict], tflops: float, shape: dict) -> str:
+    """One row per run: rates with their spread, both memory peaks, MFU, ratios to the best peer, loss gap."""
     one_gpu = {r["recipe"]: r for r in results if r["processes"] == 1}
-    base = one_gpu.get(baseline)
-    lines = [f"{'recipe':<14} {'GPUs':>4} {'useful tok/s':>12} {'step s':>7} {'peak GiB':>9} {'MFU/GPU':>7} "
-             f"{'ex/step':>7} {'x ' + baseline:>9} {'mem x':>6} {'scaling':>7}  first losses"]
+    peers = [one_gpu[p] for p in PEERS if p in one_gpu]
+    best = max(peers, key=lambda r: r["useful_tokens_per_s"], default=None)
+    reference = one_gpu.get(LOSS_REFERENCE)
+    head = (f"{'recipe':<16} {'GPUs':>4} {'tok/s':>7} {'per-step median [min-max]':>26} {'step s':>6} "
+            f"{'alloc':>6} {'resvd':>6} {'MFU':>6} {'x best':>6} {'|dloss|':>8}")
+    lines = [f"best peer: {best['recipe'] if best else 'none measured'}", head]
     for r in results:
-        mfu = 6 * params * r["useful_tokens_per_s"] / r["processes"] / (tflops * 1e12)
-        ratio = r["useful_tokens_per_s"] / base["useful_tokens_per_s"] if base else float("nan")
-        mem = r["peak_gib"] / base["peak_gib"] if base else float("nan")
-        single = one_gpu.get(r["recipe"])
-        scaling = r["useful_tokens_per_s"] / single["useful_tokens_per_s"] if single else float("nan")
-        losses = " ".join(f"{x:.4f}" for x in r["first_losses"][:4])
-        lines.append(f"{r['recipe']:<14} {r['processes']:>4} {r['useful_tokens_per_s']:>12.0f} "
-                     f"{r['step_s_median']:>7.3f} {r['peak_gib']:>9.2f} {mfu:>7.1%} {r['examples_per_step']:>7.1f} "
-                     f"{ratio:>9.2f} {mem:>6.2f} {scaling:>7.2f}  {losses}")
+        s = summarize(r, tflops, shape)
+        ratio = r["useful_tokens_per_s"] / best["useful_tokens_per_s"] if best else float("nan")
+        gap = loss_gap(r, reference)
+        lines.append(f"{r['recipe']:<16} {r['processes']:>4} {s['tok_s']:>7.0f} "
+                     f"{s['rate_median']:>9.0f} [{s['rate_min']:>6.0f}-{s['rate_max']:>6.0f}] {s['step_median']:>6.3f} "
+                     f"{r['peak_allocated_gib']:>6.2f} {r['peak_reserved_gib']:>6.2f} {s['mfu']:>6.1%} {ratio:>6.2f} "
+                     f"{gap:>8.4f}")
     return "\n".join(lines)
+
+
+def loss_gap(r: dict, reference: dict | None) -> float:
+    """Largest step-by-step loss difference against the reference recipe (same examples, same seeds)."""
+    if reference is None or not r["losses"]:
+        return float("nan")
+    pairs = list(zip(r["losses"], reference["losses"]))
+    return max(abs(a - b) for a, b in pairs) if pairs else float("nan")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", default="plain,exar", help=f"comma list of {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default="plain,trl-default,trl-flex,unsloth,exar",
+                        help=f"comma list of {', '.join(RECIPES)}")
     parser.add_argument("--shape", choices=SHAPES, default="llama2-7b")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per recipe")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (compilation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples-per-step", type=int, default=EXAMPLES_PER_STEP,
@@ -326,45 +504,105 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", default="1",
                         help="comma list of GPU counts; more than 1 runs under accelerate launch (DDP)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script with --shape tiny")
+    parser.add_argument("--unsloth-site", type=Path, default=None,
+                        help="a folder holding Unsloth and its trl/datasets (../shared/tools/device-unsloth.sh); "
+                             "the unsloth recipes run with it first on PYTHONPATH")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/exar-bench-llama"),
+                        help="where the random bf16 weights are saved for Unsloth (made once)")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many more steps after the timed ones")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--child-logs", type=Path, default=None,
+                        help="write each recipe's stderr to DIR/RECIPE.log as it runs (kept if the bench is killed)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    common = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--seed", str(args.seed), "--device", args.device, "--examples-per-step", str(args.examples_per_step)]
+    folder = args.folder.with_name(f"{args.folder.name}-{args.shape}-{args.seed}")
+    common = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
+              "--device", args.device, "--examples-per-step", str(args.examples_per_step), "--folder", str(args.folder),
+              "--profile", str(args.profile)]
+    if args.child == "save-folder":
+        save_random_folder(args.shape, args.seed, folder)
+        return 0
     if args.child:
         result = run_child(RECIPES[args.child], args.shape, args.steps, args.warmup, args.seed, args.device,
-                           args.examples_per_step)
+                           args.examples_per_step, folder, args.profile)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    runs = [(name, int(n)) for name in args.recipes.split(",") for n in args.processes.split(",")]
-    results = []
+    names = args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    runs = [(name, int(n)) for name in names for n in args.processes.split(",")]
+    results, failures = [], []
     for name, processes in runs:
+        recipe = RECIPES[name]
         started = time.perf_counter()
-        env = dict(os.environ)
-        if processes == 1:  # one visible GPU: with more, Trainer would fall back to DataParallel
-            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-            launch = [sys.executable]
-        else:
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-        proc = subprocess.run([*launch, __file__, "--child", name, *common], capture_output=True, text=True, env=env)
+        env = child_env(recipe, processes, args.unsloth_site)
+        if recipe.kind == "unsloth":
+            if args.unsloth_site is None:
+                failures.append(f"{name}: needs --unsloth-site")
+                continue
+            subprocess.run([sys.executable, __file__, "--child", "save-folder", *common], check=True, env=env)
+        launch = [sys.executable] if processes == 1 else \
+            [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+        proc = run_logged([*launch, __file__, "--child", name, *common], env, args.child_logs, name)
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
+            failures.append(f"{name} x{processes}: exit {proc.returncode}: {last_error(proc.stderr)}")
             print(f"{name} x{processes}: failed (exit {proc.returncode})\n{proc.stderr[-6000:]}", file=sys.stderr)
             continue
         results.append(json.loads(found[-1]))
+        profile = results[-1].pop("profile", None)
         print(f"{name} x{processes}: {time.perf_counter() - started:.0f} s; {json.dumps(results[-1])}", flush=True)
+        if profile:
+            results[-1]["profile"] = profile
+            print(f"profile of {name}: {profile['wall_ms_per_step']:.0f} ms wall, "
+                  f"{profile['gpu_busy_ms_per_step']:.0f} ms GPU busy per step\n{profile['table']}", flush=True)
     tflops = matmul_tflops(args.device)
     report = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "matmul_bf16_tflops": tflops,
-              "matmul_params": n_matmul_params(SHAPES[args.shape]), "results": results}
+              "matmul_params": matmul_params(SHAPES[args.shape]), "results": results, "failures": failures}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    print(f"\nQLoRA at {args.shape} shape, NF4, LoRA r=16 q/k/v/o, {args.examples_per_step} examples per optimizer step; "
-          f"bf16 matmul measured at {tflops:.0f} TFLOP/s")
+    print(f"\nQLoRA at {args.shape} shape, NF4, LoRA r=16 q/k/v/o, {args.examples_per_step} examples per optimizer step, "
+          f"{args.steps} timed steps after {args.warmup}; bf16 matmul measured at {tflops:.0f} TFLOP/s")
     print(table(results, tflops, SHAPES[args.shape]))
-    return 0 if len(results) == len(runs) else 1
+    for failure in failures:
+        print(f"not measured: {failure}")
+    return 0 if not failures else 1
+
+
+def child_env(recipe: Recipe, processes: int, unsloth_site: Path | None) -> dict:
+    """The child's environment: one visible GPU for one process, the recipe's allocator, Unsloth's own site."""
+    env = dict(os.environ)
+    if processes == 1:  # with more visible GPUs Trainer would fall back to DataParallel
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    if recipe.alloc:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = recipe.alloc
+    if recipe.kind == "unsloth" and unsloth_site is not None:
+        env["PYTHONPATH"] = str(unsloth_site)  # Unsloth pins trl<=1.15 and datasets<5: apart from exar's stack
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    return env
+
+
+def run_logged(command: list[str], env: dict, logs: Path | None, name: str):
+    """Run one recipe's process; its stderr goes to ``logs/NAME.log`` when given (else memory)."""
+    if logs is None:
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{name}.log"
+    with path.open("w") as err:
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc.stderr = path.read_text(errors="replace")
+    return proc
+
+
+def last_error(stderr: str) -> str:
+    """The last line of a child's traceback that says what went wrong."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["no output"])[-1][:300]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ p(CORRECT) for a validator prompt; nothing here imports llama_cpp or torch.
 
 Round 1 asks the ``answer`` role (stage-zero) the question (+ optional context passage); rounds
 2.. ask the ``exar`` role with every rejected answer in its context, so it cannot cycle A -> B -> A.
-Every answer, the last re-answer included, is validated from one forward pass of the validator
-(p(CORRECT) of the two labels' first tokens against a threshold). A re-answer that equals a
+Every answer, the last re-answer included, is validated: p(CORRECT) compares the log-probabilities
+of the two labels' token sequences as training taught them (``exar.prompts.label_tokens``; one
+forward pass when each label is one token), against a threshold. A re-answer that equals a
 rejected one after SQuAD normalization, or is empty, is not new: it is sampled again at a higher
 temperature with another seed, within a budget; if it stays old, the round is recorded as not new
 and not validated again. When nothing is accepted, ``on_reject`` picks the best-scored answer
@@ -26,6 +27,8 @@ and not validated again. When nothing is accepted, ``on_reject`` picks the best-
       "rounds": [{"round": int, "role": "answer" | "exar", "answer": str,
                   "p_correct": float | null,  # null when the answer was not new (not re-validated)
                   "accepted": bool, "new": bool, "resamples": int,
+                  "logprob": float | null,    # mean token log-probability of the answer (the free
+                                              # confidence baseline; null for an empty answer)
                   "tokens": int,              # generated tokens, resamples included
                   "ms": float,                # generation + verdict
                   "verdict_ms": float}],
@@ -35,14 +38,13 @@ and not validated again. When nothing is accepted, ``on_reject`` picks the best-
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Protocol
 
 from exar import constants
 from exar.errors import ExarError
-from exar.metrics import normalize_squad
+from exar.metrics import answer_key
 from exar.prompts import PromptStyle, render_answer, render_exar, render_validator
 
 DECISIONS = ("accepted", "best", "abstain")
@@ -50,11 +52,14 @@ DECISIONS = ("accepted", "best", "abstain")
 
 @dataclass
 class Generation:
-    """What a backend generated for one prompt: the parsed answer (``parse_answer``), its cost."""
+    """What a backend generated for one prompt: the parsed answer (``parse_answer``), its cost, and
+    the mean log-probability of the generated tokens under the model's own (untempered)
+    distribution, end-of-sequence excluded (None when nothing was generated)."""
 
     text: str
     tokens: int
     ms: float
+    logprob: float | None = None
 
 
 class Backend(Protocol):
@@ -68,29 +73,11 @@ class Backend(Protocol):
         ...
 
     def p_correct(self, prompt: str) -> tuple[float, float]:
-        """(p(CORRECT), ms) from ONE forward pass of the validator role over ``prompt``."""
+        """(p(CORRECT), ms) of the validator role after ``prompt``, scored on ``exar.prompts.label_tokens``."""
         ...
 
     def close(self) -> None:
         ...
-
-
-def p_correct_from_logits(logit_correct: float, logit_wrong: float) -> float:
-    """exp(l_C) / (exp(l_C) + exp(l_W)), computed without overflow."""
-    margin = float(logit_correct) - float(logit_wrong)
-    if margin >= 0:
-        return 1.0 / (1.0 + math.exp(-margin))
-    odds = math.exp(margin)
-    return odds / (1.0 + odds)
-
-
-def answer_key(text: str) -> str:
-    """What makes two answers "the same" for the loop: SQuAD normalization (case, punctuation, articles).
-
-    An answer that is only an article or punctuation ("A", "?") keeps its lowercased text, so it
-    is not mistaken for an empty answer.
-    """
-    return normalize_squad(text) or text.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -141,6 +128,7 @@ class Round:
     accepted: bool
     new: bool
     resamples: int
+    logprob: float | None
     tokens: int
     ms: float
     verdict_ms: float
@@ -179,15 +167,15 @@ def run_loop(backend: Backend, question: str, *, context: str = "",
     for number in range(1, settings.max_rounds + 1):
         role = "answer" if number == 1 else "exar"
         prompt = (render_answer(question, context, style) if number == 1
-                  else render_exar(question, rejected, style))
+                  else render_exar(question, rejected, style, context))
         generation, resamples, tokens, gen_ms = _new_answer(backend, role, prompt, number, seen, settings)
         key = answer_key(generation.text)
         is_new = key not in seen
-        p, verdict_ms = (backend.p_correct(render_validator(question, generation.text, style))
+        p, verdict_ms = (backend.p_correct(render_validator(question, generation.text, style, context))
                          if is_new else (None, 0.0))
         accepted = p is not None and p >= settings.threshold
-        rounds.append(Round(number, role, generation.text, p, accepted, is_new, resamples, tokens,
-                            gen_ms + verdict_ms, verdict_ms))
+        rounds.append(Round(number, role, generation.text, p, accepted, is_new, resamples, generation.logprob,
+                            tokens, gen_ms + verdict_ms, verdict_ms))
         if accepted:
             break
         if is_new:

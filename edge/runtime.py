@@ -11,8 +11,8 @@ Two modes over an exported run:
 
 The C API is used directly (not ``llama_cpp.Llama``) because the high-level class owns one
 context with one sequence, sets one adapter at load time, and adds per-token Python work that
-the loop does not need. Native llama.cpp logs are kept off the terminal unless ``verbose``; the
-last lines are kept to explain a failed load.
+the loop does not need. Native llama.cpp logs are kept off the terminal unless ``verbose``
+(``exar.llamacpp``); their last lines explain a failed load.
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from exar.constants import EDGE_BATCH, EDGE_CONTEXT, ROLES
 from exar.errors import ExarError
+from exar.llamacpp import native_reason, show_native_log
+from exar.export.gate import require_passed
 from exar.export.layout import LORA, OUTTYPES, gguf_rel
-from exar.prompts import CORRECT, WRONG, PromptStyle, label_token_ids, parse_answer
-from exar.rundir import Run
+from exar.metrics import log_softmax
+from exar.prompts import CORRECT, WRONG, PromptStyle, label_tokens, p_correct_from_logprobs, parse_answer
+from exar.rundir import Run, sha256_file
 
-from exar.edge.loop import Generation, p_correct_from_logits
+from exar.edge.loop import Generation
 
 MODES = ("adapters", "merged")
 GGUF_KINDS = ("gguf-base", "gguf-merged", "gguf-lora")
@@ -81,70 +83,33 @@ def find_models(run: Run, *, mode: str | None = None, quant: str | None = None) 
     quant = quant or variants[0]
     if quant not in variants:
         raise ExarError(f"{run.root}: no {quant} GGUF for {mode} mode (exported: {', '.join(variants)})")
+    stale = run.stale()
     if mode == "adapters":
-        return EdgeModels(mode, quant, base=_checked(run, gguf_rel("base", quant)),
-                          loras={role: _checked(run, gguf_rel(role, LORA)) for role in ROLES})
-    return EdgeModels(mode, quant, merged={role: _checked(run, gguf_rel(role, quant)) for role in ROLES})
+        return EdgeModels(mode, quant, base=_checked(run, gguf_rel("base", quant), stale),
+                          loras={role: _checked(run, gguf_rel(role, LORA), stale) for role in ROLES})
+    return EdgeModels(mode, quant, merged={role: _checked(run, gguf_rel(role, quant), stale) for role in ROLES})
 
 
-def _checked(run: Run, rel: str) -> Path:
-    """A recorded GGUF still on disk with its recorded size (hashing gigabytes per question is too slow)."""
+def _checked(run: Run, rel: str, stale: dict[str, list[str]]) -> Path:
+    """A recorded, current GGUF still on disk with its recorded bytes: the size is checked on every
+    call, the sha256 on the first load in a process (cached by inode, mtime and size: later calls are
+    instant). ``stale`` is ``run.stale()``: a GGUF made from an adapter retrained since is refused."""
     entry, path = run.entry(rel), run.path(rel)
     if entry is None:
         raise ExarError(f"{run.root}: {rel} was not exported; run `exar-export --run {run.root}` first")
+    require_passed(run, rel)
+    if rel in stale:
+        raise ExarError(f"{path}: stale ({stale[rel][0]}); run `exar-export --run {run.root}` again")
     if not path.is_file():
         raise ExarError(f"{path}: recorded in the manifest but missing; run `exar-export --run {run.root}` again")
     if path.stat().st_size != entry["bytes"]:
         raise ExarError(f"{path}: {path.stat().st_size} bytes, the manifest recorded {entry['bytes']}; "
                         f"the file is damaged, run `exar-export --run {run.root}` again")
+    sha = sha256_file(path)
+    if sha != entry["sha256"]:
+        raise ExarError(f"{path}: sha256 {sha[:12]}, the manifest recorded {entry['sha256'][:12]}; "
+                        f"the file is damaged, run `exar-export --run {run.root}` again")
     return path
-
-
-# --- native logs ------------------------------------------------------------------------------
-
-_LOG_TAIL: deque[str] = deque(maxlen=30)
-_LOG_STATE = {"verbose": False, "callback": None}
-
-
-def _install_log(verbose: bool) -> None:
-    """Route llama.cpp's log through us: to stderr when verbose, else only into a short tail."""
-    import llama_cpp
-
-    _LOG_STATE["verbose"] = verbose
-    if _LOG_STATE["callback"] is None:
-        @llama_cpp.llama_log_callback
-        def callback(level, text, user_data):
-            _LOG_TAIL.append(text.decode("utf-8", errors="replace"))
-            if _LOG_STATE["verbose"]:
-                os.write(2, text)
-
-        _LOG_STATE["callback"] = callback  # keep a reference: llama.cpp calls it until exit
-        llama_cpp.llama_backend_init()
-    llama_cpp.llama_log_set(_LOG_STATE["callback"], ctypes.c_void_p(0))  # again: another stage may have replaced it
-
-
-def _native_reason() -> str:
-    """The last error-looking line llama.cpp logged, for a one-line message."""
-    lines = [line.strip() for line in _LOG_TAIL if line.strip()]
-    errors = [line for line in lines if any(w in line.lower() for w in ("error", "failed", "invalid"))]
-    return (errors or lines or ["no details from llama.cpp"])[-1]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    On Linux VmHWM (not getrusage's ru_maxrss, which keeps the peak of the parent a process was
-    forked from, across exec).
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    import psutil
-
-    info = psutil.Process().memory_info()
-    return getattr(info, "peak_wset", info.rss) / 2**20  # Windows: peak working set
 
 
 def physical_cores() -> int:
@@ -181,7 +146,9 @@ class LlamaRuntime:
                  n_ctx: int = EDGE_CONTEXT, verbose: bool = False, full_precision: bool = False):
         """``full_precision``: f32 KV cache and no flash attention, so an f32 GGUF is compared with
         transformers on its weights alone (eval); the default f16 cache is what a laptop wants."""
-        import llama_cpp
+        from exar.llamacpp import load_llama_cpp
+
+        llama_cpp = load_llama_cpp()
 
         self._llama = llama_cpp
         self.style = style
@@ -191,7 +158,7 @@ class LlamaRuntime:
         self.full_precision = full_precision
         if self.threads < 1 or n_ctx < 16:
             raise ExarError(f"threads must be >= 1 and the context >= 16 tokens (got {self.threads}, {n_ctx})")
-        _install_log(verbose)
+        show_native_log(verbose)
         self._models: list = []
         self._contexts: list[_Context] = []
         self._adapters: list = []
@@ -218,7 +185,7 @@ class LlamaRuntime:
         params = self._llama.llama_model_default_params()
         model = self._llama.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            raise ExarError(f"{path}: llama.cpp cannot load this GGUF ({_native_reason()}); "
+            raise ExarError(f"{path}: llama.cpp cannot load this GGUF ({native_reason()}); "
                             "re-export it with `exar-export`")
         self._models.append(model)
         return model
@@ -227,7 +194,7 @@ class LlamaRuntime:
         adapter = self._llama.llama_adapter_lora_init(model, str(path).encode())
         if not adapter:
             raise ExarError(f"{path}: llama.cpp cannot load this LoRA GGUF on {self.models.base.name} "
-                            f"({_native_reason()}); re-export it with `exar-export --mode adapters`")
+                            f"({native_reason()}); re-export it with `exar-export --mode adapters`")
         self._adapters.append(adapter)
         return adapter
 
@@ -245,7 +212,7 @@ class LlamaRuntime:
             params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ptr = llama.llama_init_from_model(model, params)
         if not ptr:
-            raise ExarError(f"llama.cpp cannot create a context of {self.n_ctx} tokens ({_native_reason()})")
+            raise ExarError(f"llama.cpp cannot create a context of {self.n_ctx} tokens ({native_reason()})")
         context = _Context(ptr, llama.llama_get_memory(ptr), None, llama.llama_n_ctx(ptr))
         self.n_ctx = context.n_ctx  # llama.cpp may round the size up
         self._contexts.append(context)
@@ -372,14 +339,18 @@ class LlamaRuntime:
         self.prompt_tokens["reused"] += keep
         return slot, rows
 
-    def last_logits(self, role: str, prompt: str):
-        """Next-token logits of ``role`` after ``prompt`` (a NumPy copy), from one forward pass."""
+    def _last_row(self, slot: _Slot):
+        """The logits the slot's last ``llama_decode`` left for its last token: a NumPy view, valid
+        until the context decodes again."""
         import numpy as np
 
-        slot = self._prefill(role, prompt)
         n_vocab = self._llama.llama_vocab_n_tokens(self._vocab)
         pointer = self._llama.llama_get_logits_ith(slot.context.ptr, -1)
-        return np.ctypeslib.as_array(pointer, shape=(n_vocab,)).copy()
+        return np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+
+    def last_logits(self, role: str, prompt: str):
+        """Next-token logits of ``role`` after ``prompt`` (a NumPy copy), from one forward pass."""
+        return self._last_row(self._prefill(role, prompt)).copy()
 
     def teacher_forced_logits(self, role: str, prompt_ids: list[int], target_ids: list[int]):
         """Logits predicting each of ``target_ids`` after ``prompt_ids`` and the targets before it
@@ -396,11 +367,21 @@ class LlamaRuntime:
     # the Backend protocol
 
     def p_correct(self, prompt: str) -> tuple[float, float]:
+        """p(CORRECT) from the labels' token sequences (``label_tokens``): one pass over the prompt
+        when each label is one token, else each label's tokens evaluated on the prompt's cached KV."""
         start = time.perf_counter()
-        labels = label_token_ids(self.tokenize, prompt)
-        slot = self._prefill("validator", prompt)
-        logits = self._llama.llama_get_logits_ith(slot.context.ptr, -1)
-        p = p_correct_from_logits(logits[labels[CORRECT]], logits[labels[WRONG]])
+        labels = label_tokens(self.tokenize, prompt, self.style)
+        context = list(labels.context)
+        logp = {}
+        if labels.single_token:
+            slot, _ = self._evaluate("validator", context)
+            row = log_softmax(self._last_row(slot))
+            logp = {label: float(row[ids[0]]) for label, ids in labels.labels.items()}
+        else:
+            for label, ids in labels.labels.items():
+                _, rows = self._evaluate("validator", context + list(ids), rows_from=len(context) - 1)
+                logp[label] = float(sum(log_softmax(row)[token] for row, token in zip(rows, ids)))
+        p = p_correct_from_logprobs(logp[CORRECT], logp[WRONG])
         return p, (time.perf_counter() - start) * 1000.0
 
     def generate(self, role: str, prompt: str, *, temperature: float, top_p: float, seed: int,
@@ -408,13 +389,14 @@ class LlamaRuntime:
         start = time.perf_counter()
         slot = self._prefill(role, prompt, reserve=max_new_tokens)
         sampler = self._sampler(temperature, top_p, seed)
-        text, count = b"", 0
+        text, count, logprob_sum = b"", 0, 0.0
         try:
             while count < max_new_tokens:
                 token = self._llama.llama_sampler_sample(sampler, slot.context.ptr, -1)
                 if self._llama.llama_vocab_is_eog(self._vocab, token):
                     break
                 count += 1
+                logprob_sum += float(log_softmax(self._last_row(slot))[token])
                 text += self._piece(token)
                 if self._stopped(text) or count == max_new_tokens:
                     break
@@ -422,7 +404,8 @@ class LlamaRuntime:
         finally:
             self._llama.llama_sampler_free(sampler)
         answer = parse_answer(text.decode("utf-8", errors="ignore"), self.style)
-        return Generation(answer, count, (time.perf_counter() - start) * 1000.0)
+        return Generation(answer, count, (time.perf_counter() - start) * 1000.0,
+                          logprob_sum / count if count else None)
 
     def _sampler(self, temperature: float, top_p: float, seed: int):
         llama = self._llama

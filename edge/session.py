@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from exar.constants import TOP_K
 from exar.data import append_jsonl, question_key, read_jsonl_resumable
 from exar.edge.loop import LoopSettings, run_loop
-from exar.edge.runtime import LlamaRuntime, open_runtime, peak_rss_mb
+from exar.edge.runtime import LlamaRuntime, open_runtime
+from exar.resources import peak_rss_mb
 from exar.errors import ExarError
 from exar.rundir import Run
 
@@ -22,11 +24,20 @@ from exar.rundir import Run
 class Session:
     runtime: LlamaRuntime
     settings: LoopSettings
+    docs: object = None    # an exar.retrieval.Index: its top passages go into the Context slot (--docs)
+    top_k: int = TOP_K
 
     def ask(self, question: str, context: str = "") -> dict:
         """The loop's answer to one question, with the runtime facts a laptop user wants to see."""
         check_text(question, "the question")
+        passages = None
+        if self.docs is not None:
+            from exar.retrieval import retrieve_context
+
+            context, passages = retrieve_context(self.docs, question, context, self.top_k)
         result = run_loop(self.runtime, question, context=context, settings=self.settings).to_dict()
+        if passages is not None:
+            result["passages"] = passages
         models = self.runtime.models
         result.update(mode=models.mode, quant=models.quant, threads=self.runtime.threads,
                       peak_rss_mb=round(peak_rss_mb(), 1))
@@ -43,12 +54,16 @@ class Session:
 
 
 def open_session(run: Run, *, mode: str | None = None, quant: str | None = None, threads: int | None = None,
-                 n_ctx: int | None = None, verbose: bool = False, **loop_overrides) -> Session:
-    """A session on ``run``'s GGUFs; loop settings from the run (threshold) unless overridden (None = keep)."""
+                 n_ctx: int | None = None, verbose: bool = False, docs=None, top_k: int = TOP_K,
+                 **loop_overrides) -> Session:
+    """A session on ``run``'s GGUFs; loop settings from the run (threshold) unless overridden (None = keep).
+
+    ``docs`` (an ``exar.retrieval.Index``) puts each question's top ``top_k`` passages in its context.
+    """
     settings = LoopSettings.for_run(run.settings, **loop_overrides)
     runtime_options = {"n_ctx": n_ctx} if n_ctx is not None else {}
     return Session(open_runtime(run, mode=mode, quant=quant, threads=threads, verbose=verbose, **runtime_options),
-                   settings)
+                   settings, docs, top_k)
 
 
 def check_text(text, what: str) -> str:
@@ -95,6 +110,11 @@ def answer_batch(session: Session, rows: list[dict], out_path: Path | str, *, pr
     from exar.progress import bar
 
     pending, done = pending_questions(rows, out_path)
+    if session.docs is not None:  # a question no passage matches stops the batch before any answer
+        from exar.retrieval import retrieve_context
+
+        for row in pending:
+            retrieve_context(session.docs, row["question"], k=session.top_k)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     steps = bar(pending, desc="answering", total=len(rows), initial=done, unit="q") if progress else pending
     for row in steps:

@@ -6,7 +6,7 @@ resampled together and only the per-question differences matter.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -72,3 +72,49 @@ def describe_difference(
         verdict = "significant loss"
     diff, low, high = (f"{result[key]:+.{digits}f}" for key in ("diff", "low", "high"))
     return f"{name}: {metric} {diff} [{low}, {high}]; {verdict}"
+
+
+def bootstrap_statistics(
+    columns: Mapping[str, Sequence],
+    statistics: Mapping[str, Callable[[Mapping[str, list]], float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, dict]:
+    """Each statistic of the per-question ``columns``, with a percentile interval over resampled questions.
+
+    All statistics are computed on the SAME resamples (rows resampled together across columns),
+    so a statistic that is a difference of two others (validator vs a baseline on the same
+    answers) gets a paired interval. A resample where a statistic is undefined (NaN: an AUROC
+    with one class missing) is left out of that statistic's interval; ``resamples`` says how many
+    counted. ``significant`` is True when the interval excludes 0 (meaningful for differences).
+    """
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"columns must be non-empty and of one length, got lengths {sorted(lengths)}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    (n,) = lengths
+    data = {name: list(values) for name, values in columns.items()}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_resamples, n))
+    samples: dict[str, list[float]] = {name: [] for name in statistics}
+    for rows in draws:
+        resampled = {name: [values[i] for i in rows] for name, values in data.items()}
+        for name, statistic in statistics.items():
+            value = float(statistic(resampled))
+            if np.isfinite(value):
+                samples[name].append(value)
+    tail = (1 - confidence) / 2
+    out = {}
+    for name, statistic in statistics.items():
+        value = float(statistic(data))
+        kept = samples[name]
+        low, high = (float(q) for q in np.quantile(kept, [tail, 1 - tail])) if kept else (float("nan"),) * 2
+        out[name] = {"value": value if np.isfinite(value) else None,
+                     "low": low if kept else None, "high": high if kept else None,
+                     "significant": bool(kept) and (low > 0 or high < 0),
+                     "n": n, "resamples": len(kept), "confidence": confidence, "seed": seed}
+    return out

@@ -4,12 +4,15 @@ from pathlib import Path
 
 import click
 
-from exar.clikit import debug_option, echo_json, entry_point, json_option, open_run, run_option, version_option
+from exar import constants as C
+from exar.clikit import (debug_option, echo_json, entry_point, json_option, open_run, run_option, verbose_option,
+                         version_option)
 
 
 @click.group(name="exar-eval", context_settings={"help_option_names": ["-h", "--help"]})
 @version_option
 @debug_option
+@verbose_option
 def cli():
     """What did quantization cost? Variants of a run on its held-out questions, with intervals.
 
@@ -41,6 +44,11 @@ def _bertscore_options(command):
 @click.option("--test", "test_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSONL of question, answer (+ aliases, context) to ask instead of the run's held-out "
                    "data/test.jsonl.")
+@click.option("--docs", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="INDEX",
+              help="Add each question's top passages from this index (`exar-edge index`) to its context, as "
+                   "`exar-edge ask --docs` does; the questions with passages are saved as eval/NAME/questions.docs.jsonl.")
+@click.option("--top-k", type=click.IntRange(min=1), default=C.TOP_K, show_default=True,
+              help="Passages per question with --docs.")
 @click.option("--what", type=click.Choice(["answer", "pipeline", "both"]), default="both", show_default=True,
               help="answer: stage-zero answers (+ one verdict each); pipeline / both: the whole EXAR loop too.")
 @_bertscore_options
@@ -56,8 +64,8 @@ def _bertscore_options(command):
 @click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @json_option
-def compare(run_dir, variants, test_file, what, bertscore_model, bertscore_layers, idf, rescale, limit, name,
-            max_new_tokens, max_rounds, threshold, temperature, threads, resamples, seed, as_json):
+def compare(run_dir, variants, test_file, docs, top_k, what, bertscore_model, bertscore_layers, idf, rescale, limit,
+            name, max_new_tokens, max_rounds, threshold, temperature, threads, resamples, seed, as_json):
     """Compare variants of a run on the same questions, references and BERTScore settings.
 
     Every variant runs the edge's own EXAR loop (transformers or llama.cpp underneath). Each
@@ -68,6 +76,13 @@ def compare(run_dir, variants, test_file, what, bertscore_model, bertscore_layer
     from exar.eval.compare import CompareSettings, compare as run_compare, eval_folder
 
     run = open_run(run_dir)
+    if docs is not None:
+        from exar.eval.compare import load_questions
+        from exar.retrieval import open_index, questions_with_passages
+
+        questions, _ = load_questions(run, test_file, None)
+        test_file = questions_with_passages(questions, open_index(docs, warn=True), top_k,
+                                            run.path(eval_folder(name)) / "questions.docs.jsonl")
     settings = CompareSettings(what=what, bertscore_model=bertscore_model, bertscore_layers=bertscore_layers,
                                idf=idf, rescale=rescale, limit=limit, resamples=resamples, seed=seed, threads=threads)
     loop = {"max_new_tokens": max_new_tokens, "max_rounds": max_rounds, "threshold": threshold,
@@ -76,15 +91,16 @@ def compare(run_dir, variants, test_file, what, bertscore_model, bertscore_layer
     folder = run.path(eval_folder(name))
     if as_json:
         echo_json({"report": str(folder / "report.json"), "sentences": report["sentences"],
+                   "metacognition_sentences": report["metacognition_sentences"],
                    "variants": [{k: v[k] for k in ("name", "bytes", "mean", "differences")}
-                                for v in report["variants"]]})
+                                | {"metacognition": v["metacognition"]["figures"]} for v in report["variants"]]})
         return
     for variant in report["variants"]:
         mean = variant["mean"]
         click.echo(f"{variant['name']:>16}: BERTScore F1 {mean['bertscore_f']:.3f}  EM {mean['em_squad']:.3f}  "
                    f"token F1 {mean['token_f1']:.3f}  perplexity {variant['perplexity']:.2f}  "
                    f"{variant['bytes'] / 2**20:.1f} MiB  {variant['latency']['answer_ms_mean']:.0f} ms/answer")
-    for sentence in report["sentences"]:
+    for sentence in report["sentences"] + report["metacognition_sentences"]:
         click.echo(sentence)
     click.echo(f"report: {folder / 'report.md'} (+ report.json, report.png)")
 

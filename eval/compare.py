@@ -30,6 +30,8 @@ ANSWER_METRICS = (
     ("em_lower", "exact match (case-insensitive)", True),
     ("em_squad", "exact match (SQuAD-normalized)", True),
     ("token_f1", "token F1", True),
+    ("rouge1_f", "ROUGE-1 F", True),
+    ("rouge2_f", "ROUGE-2 F", True),
     ("rougeL_f", "ROUGE-L F", True),
     ("bleu", "BLEU (sentence)", True),
     ("bertscore_p", "BERTScore P", True),
@@ -138,7 +140,7 @@ def _score(answers: list[str], questions: Sequence[QA], settings: CompareSetting
 
 
 def _labels(per_row: dict, thresholds) -> list[bool]:
-    """Held-out CORRECT/WRONG of each answer by the train stage's annotate rule over this report's metrics."""
+    """Held-out correctness of each answer by the train stage's annotate rule over this report's metrics."""
     from exar.prompts import CORRECT
     from exar.train.annotate import label
 
@@ -149,6 +151,7 @@ def _labels(per_row: dict, thresholds) -> list[bool]:
 def _variant_rows(results: list[dict], teacher_rows: list[dict], reference: dict | None, questions: Sequence[QA],
                   plan: Plan, settings: CompareSettings, thresholds) -> tuple[dict, dict]:
     """(per-question metric lists, summary) for one variant."""
+    from exar.eval.metacognition import metacognition
     from exar.metrics import classification_metrics
 
     first_rounds = [r["rounds"][0] for r in results]
@@ -156,6 +159,7 @@ def _variant_rows(results: list[dict], teacher_rows: list[dict], reference: dict
     scored = _score(answers, questions, settings)
     per_row = dict(scored["per_row"])
     labels = _labels(per_row, thresholds)
+    loop_labels = None
     verdicts = [fr["p_correct"] is not None and fr["p_correct"] >= plan.loop.threshold for fr in first_rounds]
     ref_answers = answers if reference is None else reference["answers"]
     per_row.update(
@@ -185,6 +189,7 @@ def _variant_rows(results: list[dict], teacher_rows: list[dict], reference: dict
         finals = [r["answer"] or "" for r in results]
         loop_scored = _score(finals, questions, settings)
         per_row.update({f"loop_{k}": v for k, v in loop_scored["per_row"].items()})
+        loop_labels = _labels({k[len("loop_"):]: v for k, v in per_row.items() if k.startswith("loop_")}, thresholds)
         ref_finals = finals if reference is None else reference["finals"]
         per_row.update(
             loop_agree=[float(a == b) for a, b in zip(finals, ref_finals)],
@@ -203,6 +208,9 @@ def _variant_rows(results: list[dict], teacher_rows: list[dict], reference: dict
             "loop_ms_mean": statistics.fmean(per_row["loop_ms"]),
         }
         summary["latency"]["loop_ms_mean"] = summary["pipeline"]["loop_ms_mean"]
+    summary["metacognition"] = metacognition(results, labels, loop_labels, plan.loop.threshold,
+                                             resamples=settings.resamples, seed=settings.seed,
+                                             confidence=settings.confidence)
     return per_row, summary
 
 
@@ -210,11 +218,24 @@ def _metric_table(full_loop: bool) -> tuple:
     return ANSWER_METRICS + MODEL_METRICS + (PIPELINE_METRICS if full_loop else ())
 
 
-def _report(run: Run, chosen: list[Variant], files: dict, collected: dict, plan: Plan, settings: CompareSettings,
-            source: str) -> dict:
+def label_thresholds(run: Run, settings: CompareSettings):
+    """The annotate rule's thresholds for this report's BERTScore backbone: the run's own when it
+    annotated with the same backbone, else those recorded for the backbone; and where they came from."""
+    from exar.metrics import bertscore_backbone
     from exar.train.annotate import Thresholds
 
-    thresholds = Thresholds(**((run.settings.get("annotate") or {}).get("thresholds") or {}))
+    backbone = bertscore_backbone(settings.bertscore_model, settings.bertscore_layers)
+    recorded = run.settings.get("annotate") or {}
+    if (recorded.get("bertscore") or {}).get("model") == backbone and recorded.get("thresholds"):
+        return Thresholds(**recorded["thresholds"]), f"the run's annotate thresholds ({backbone})"
+    return Thresholds.for_backbone(backbone)
+
+
+def _report(run: Run, chosen: list[Variant], files: dict, collected: dict, plan: Plan, settings: CompareSettings,
+            source: str) -> dict:
+    from exar.eval.metacognition import sentences as metacognition_sentences
+
+    thresholds, thresholds_from = label_thresholds(run, settings)
     metrics = _metric_table(plan.full_loop)
     reference = chosen[0]
     per_variant, summaries = {}, {}
@@ -252,6 +273,7 @@ def _report(run: Run, chosen: list[Variant], files: dict, collected: dict, plan:
             entry["sentence"] = (describe_difference(variant.name, headline_label, differences[headline])
                                  + f"; {entry['mean'][agree_key]:.0%} of answers identical to {reference.name}")
             sentences.append(entry["sentence"])
+        entry["metacognition_sentences"] = metacognition_sentences(variant.name, entry["metacognition"])
         variants_out.append(entry)
 
     return {
@@ -266,13 +288,14 @@ def _report(run: Run, chosen: list[Variant], files: dict, collected: dict, plan:
             "kl": f"KL(reference || variant) over the reference's top {plan.kl_top_k} tokens + one rest bucket, "
                   "mean over the reference answers' tokens (teacher-forced)",
             "validator_labels": "held-out answers labelled by the train stage's annotate rule "
-                                f"(exar.train.annotate.label, thresholds {thresholds.to_dict()}) over this "
-                                "report's exact match, ROUGE-L and BERTScore",
+                                f"(exar.train.annotate.label, thresholds {thresholds.to_dict()} from "
+                                f"{thresholds_from}) over this report's exact match, ROUGE-L and BERTScore",
         },
         "bertscore": summaries[reference.name]["bertscore"],
         "metrics": [{"key": key, "label": label, "higher_is_better": up} for key, label, up in metrics],
         "variants": variants_out,
         "sentences": sentences,
+        "metacognition_sentences": [line for v in variants_out for line in v["metacognition_sentences"]],
         "rows": _question_rows(plan.questions, chosen, per_variant, summaries, collected, metrics),
     }
 

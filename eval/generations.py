@@ -20,7 +20,8 @@ from exar.data import QA, append_jsonl, read_jsonl_resumable
 from exar.edge.loop import LoopSettings, run_loop
 from exar.eval import teacher
 from exar.eval.variants import Variant, open_variant
-from exar.prompts import PromptStyle, render_completion, render_prompt, role_fields
+from exar.metrics import log_softmax
+from exar.prompts import PromptStyle, completion_ids, render_completion, render_prompt, role_fields
 
 GENERATIONS = "generations"
 TEACHER = "teacher"
@@ -111,10 +112,10 @@ def _teacher_scores(backend, qa: QA, plan: Plan, ref_row: dict | None) -> dict:
     fields = role_fields("answer", qa.question, context=qa.context, style=plan.style)
     prompt = render_prompt(fields, plan.style)
     if ref_row is None:
-        ids, n_prompt = teacher.target_ids(backend.tokenize, prompt, render_completion(fields, qa.answer, plan.style))
+        ids, n_prompt = completion_ids(backend.tokenize, prompt, render_completion(fields, qa.answer, plan.style))
     else:
         ids, n_prompt = ref_row["ids"], ref_row["n_prompt"]
-    logprobs = teacher.log_softmax(backend.teacher_forced_logits("answer", ids[:n_prompt], ids[n_prompt:]))
+    logprobs = log_softmax(backend.teacher_forced_logits("answer", ids[:n_prompt], ids[n_prompt:]))
     row = {"nll": teacher.token_nll(logprobs, ids, n_prompt)}
     if ref_row is None:
         top_ids, top_logprobs = teacher.top_support(logprobs, plan.kl_top_k)

@@ -83,6 +83,7 @@ class HFBackend:
         import torch
         from transformers import GenerationConfig
 
+        from exar.metrics import log_softmax
         from exar.prompts import parse_answer
 
         start = time.perf_counter()
@@ -99,12 +100,15 @@ class HFBackend:
             torch.manual_seed(seed)
         stop = _StopOnText(self.tokenizer, encoded.input_ids.shape[1], self._stops)
         with torch.no_grad():
-            output = model.generate(**encoded, generation_config=config, stopping_criteria=[stop])
-        new = output[0, encoded.input_ids.shape[1]:].tolist()
+            output = model.generate(**encoded, generation_config=config, stopping_criteria=[stop],
+                                    return_dict_in_generate=True, output_logits=True)
+        new = output.sequences[0, encoded.input_ids.shape[1]:].tolist()
         if new and new[-1] == self.tokenizer.eos_token_id:
             new = new[:-1]
+        logprobs = [float(log_softmax(step[0].float().numpy())[token]) for step, token in zip(output.logits, new)]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return Generation(parse_answer(text, self.style), len(new), (time.perf_counter() - start) * 1000.0)
+        return Generation(parse_answer(text, self.style), len(new), (time.perf_counter() - start) * 1000.0,
+                          sum(logprobs) / len(logprobs) if logprobs else None)
 
     def p_correct(self, prompt: str) -> tuple[float, float]:
         from exar.train.scoring import p_correct_hf

@@ -13,11 +13,13 @@ from exar.rundir import Run
 
 # Panels of report.png: (metric key or a special name, title).
 PLOT_PANELS = (
+    ("auroc", "validator AUROC vs the answer's log-prob (0.5 = chance)"),
+    ("reliability", "reliability: accuracy per p(CORRECT) bin"),
+    ("risk_coverage", "loop: error rate vs share answered"),
     ("em_squad", "exact match (SQuAD)"),
     ("token_f1", "token F1"),
     ("rougeL_f", "ROUGE-L F"),
     ("bertscore_f", "BERTScore F1"),
-    ("validator_correct", "validator accuracy"),
     ("nll", "NLL / token (lower is better)"),
     ("kl", "KL vs reference (lower is better)"),
     ("loop_bertscore_f", "loop BERTScore F1"),
@@ -84,6 +86,7 @@ def render_markdown(report: dict) -> str:
     ]
     if report["sentences"]:
         lines += ["## Verdict", ""] + [f"- {s}" for s in report["sentences"]] + [""]
+    lines += ["## Does the model know when it is wrong?", ""] + [f"- {s}" for s in report["metacognition_sentences"]] + [""]
     by_key = {m["key"]: m for m in report["metrics"]}
     sections = [("Answers (stage-zero)", [k for k in by_key if not k.startswith("loop_") and k not in
                                           ("accepted_first", "abstain", "rounds")])]
@@ -103,18 +106,64 @@ def render_markdown(report: dict) -> str:
                          f"{gain['diff']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"])
         lines += _table(["variant", "decisions", "accepted first", "mean rounds", "abstentions",
                          "BERTScore F1 loop - stage-zero"], rows) + [""]
-    rows = [[v["name"]] + [_fmt(v["validator"][k]) for k in ("accuracy", "precision", "recall", "f1",
-                                                              "balanced_accuracy")]
-            + [str(v["validator"]["support"]["positive"]), str(v["validator"]["support"]["negative"])]
-            for v in variants]
-    lines += ["## Validator on the held-out answers", "", settings["validator_labels"] + ".", ""]
-    lines += _table(["variant", "accuracy", "precision", "recall", "F1", "balanced acc.", "CORRECT", "WRONG"], rows)
+    lines += _metacognition_markdown(variants, settings, report["what"] != "answer")
     rows = [[v["name"], _fmt(v["bytes"] / _MIB, 2), _fmt(v["perplexity"]), _fmt(v["latency"]["answer_ms_mean"], 1),
              _fmt(v["latency"]["tokens_per_s"], 1), _fmt(v["corpus_bleu"], 2), _runtime(v["runtime"])]
             for v in variants]
     lines += ["", "## Size, speed, perplexity", "", settings["kl"] + ".", ""]
     lines += _table(["variant", "MiB", "perplexity", "answer ms", "tokens/s", "corpus BLEU", "runtime"], rows)
     return "\n".join(lines) + "\n"
+
+
+def _ci(figure: dict, signed: bool = False) -> str:
+    if figure["value"] is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    if figure["low"] is None:
+        return f"{figure['value']:{sign}.3f}"
+    return f"{figure['value']:{sign}.3f} [{figure['low']:{sign}.3f}, {figure['high']:{sign}.3f}]"
+
+
+def _metacognition_markdown(variants: list[dict], settings: dict, loop: bool) -> list[str]:
+    """The two tables that say whether the model knows when it is wrong, and how to read them."""
+    lines = ["## Does the validator know? (stage-zero answers to the held-out questions)", "",
+             settings["validator_labels"] + ". Every cell: value [95% bootstrap interval over questions]. "
+             "AUROC: the chance that a right answer gets a higher p(CORRECT) than a wrong one (0.5 = chance, "
+             "1 = perfect ranking); AUPRC: the same for finding the right answers (chance = the share right); "
+             "Brier and ECE: how far p(CORRECT) is from the observed accuracy (0 = calibrated); the last four "
+             "columns are at the loop's threshold. Free baselines on the same answers: the answer model's own "
+             "mean token log-probability (`logprob`), and accepting every answer (AUROC 0.5).", ""]
+    rows = []
+    for v in variants:
+        m = v["metacognition"]
+        f = m["figures"]
+        rows.append([v["name"], f"{m['right']}/{m['n']}", _ci(f["auroc"]), _ci(f["auprc"]), _ci(f["brier"]), _ci(f["ece"]),
+                     _ci(f["logprob_auroc"]), _ci(f["auroc_minus_logprob"], signed=True),
+                     _fmt(m["threshold"]) + (" (degenerate)" if m["degenerate_threshold"] else ""),
+                     _ci(f["acceptance_rate"]), _ci(f["balanced_accuracy"]), _ci(f["precision"]), _ci(f["recall"])])
+    lines += _table(["variant", "right", "AUROC", "AUPRC", "Brier", "ECE", "logprob AUROC", "AUROC - logprob",
+                     "threshold", "accepted", "balanced acc.", "precision", "recall"], rows) + [""]
+    if not loop:
+        return lines
+    lines += ["## The loop: what it changed, and what abstaining on the least trusted answers buys", "",
+              "Final answers ranked by their p(CORRECT); AURC: the mean error rate over every coverage "
+              "(answer the k most trusted of n, k = 1..n; lower is better; always accepting gives the plain error "
+              "rate); accuracy at a coverage: over the answers the loop trusts most. Transitions compare each "
+              "question's stage-zero answer with the loop's final one.", ""]
+    rows = []
+    for v in variants:
+        m = v["metacognition"]
+        f, t = m["figures"], m["transitions"]
+        rounds = ", ".join(f"{r['accepted']}/{r['reached']}" for r in m["per_round"])
+        rows.append([v["name"], _ci(f["stage_zero_accuracy"]), _ci(f["loop_accuracy"]), _ci(f["aurc"]),
+                     _ci(f["logprob_aurc"]), _ci(f["always_accept_aurc"]), _ci(f["accuracy_at_0.5"]),
+                     _ci(f["accuracy_at_0.7"]), _ci(f["accuracy_at_0.9"]),
+                     f"{t['right_right']} / {t['right_wrong']} / {t['wrong_right']} / {t['wrong_wrong']}",
+                     f"{t['net']:+d}", rounds])
+    lines += _table(["variant", "stage-zero acc.", "loop acc.", "AURC", "AURC logprob", "AURC always accept",
+                     "acc. @50%", "acc. @70%", "acc. @90%", "right->right / right->wrong / wrong->right / wrong->wrong",
+                     "net", "accepted per round"], rows) + [""]
+    return lines
 
 
 def _runtime(runtime: dict) -> str:
@@ -130,12 +179,17 @@ def plot(report: dict, path: Path) -> None:
 
     variants = report["variants"]
     names = [v["name"] for v in variants]
-    panels = [(key, title) for key, title in PLOT_PANELS if key == "bytes" or key in variants[0]["mean"]]
+    panels = [(key, title) for key, title in PLOT_PANELS
+              if key == "bytes" or key in variants[0]["mean"] or _has_panel(key, variants[0])]
     columns = 4
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, panels):
+        if key in _SPECIAL_PANELS:
+            _SPECIAL_PANELS[key](ax, variants, colors)
+            ax.set_title(title, fontsize=10)
+            continue
         if key == "bytes":
             values = [v["bytes"] / _MIB for v in variants]
             errors = None
@@ -158,3 +212,59 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
+
+
+def _has_panel(key: str, variant: dict) -> bool:
+    return key in ("auroc", "reliability") or (key == "risk_coverage" and "risk_coverage" in variant["metacognition"])
+
+
+def _auroc_panel(ax, variants, colors) -> None:
+    """Validator AUROC and the log-probability baseline's, side by side per variant, with intervals."""
+    width = 0.38
+    for offset, key, label, hatch in ((-width / 2, "auroc", "validator", None),
+                                      (width / 2, "logprob_auroc", "answer log-prob", "//")):
+        figures = [v["metacognition"]["figures"][key] for v in variants]
+        values = [f["value"] if f["value"] is not None else 0.0 for f in figures]
+        errors = [[max(val - (f["low"] if f["low"] is not None else val), 0.0) for val, f in zip(values, figures)],
+                  [max((f["high"] if f["high"] is not None else val) - val, 0.0) for val, f in zip(values, figures)]]
+        ax.bar([i + offset for i in range(len(variants))], values, width, yerr=errors, capsize=3, label=label,
+               color=[colors[i % len(colors)] for i in range(len(variants))], hatch=hatch, edgecolor="black",
+               linewidth=0.5)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(len(variants)), [v["name"] for v in variants], rotation=30, ha="right", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _reliability_panel(ax, variants, colors) -> None:
+    """Accuracy against mean p(CORRECT) per bin (bins holding answers), the diagonal = calibrated."""
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for i, v in enumerate(variants):
+        bins = [b for b in v["metacognition"]["reliability"] if b["n"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                color=colors[i % len(colors)], label=v["name"])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean p(CORRECT)", fontsize=8)
+    ax.set_ylabel("share right", fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _risk_coverage_panel(ax, variants, colors) -> None:
+    """Each variant's risk-coverage curve by p(CORRECT); dashed: the reference's by answer log-prob."""
+    for i, v in enumerate(variants):
+        curve = v["metacognition"]["risk_coverage"]["validator"]
+        ax.plot(curve["coverage"], curve["risk"], color=colors[i % len(colors)], label=v["name"], linewidth=1.2)
+    reference = variants[0]["metacognition"]["risk_coverage"]["logprob"]
+    ax.plot(reference["coverage"], reference["risk"], color=colors[0], linestyle="--", linewidth=1,
+            label=f"{variants[0]['name']} by log-prob")
+    ax.axhline(1 - variants[0]["metacognition"]["figures"]["loop_accuracy"]["value"], color="grey", linestyle=":",
+               linewidth=1, label="always accept")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("share of questions answered", fontsize=8)
+    ax.set_ylabel("error rate among them", fontsize=8)
+    ax.legend(fontsize=7)
+
+
+_SPECIAL_PANELS = {"auroc": _auroc_panel, "reliability": _reliability_panel, "risk_coverage": _risk_coverage_panel}

@@ -2,8 +2,8 @@
 
 Each question's stage-zero prompt is followed by its reference answer as training renders it
 (``render_completion``: the answer and its end marker). The reference variant tokenizes that text
-once (the train stage's rule: the target starts where the ids part from the prompt's own ids);
-every other variant reads the SAME ids, so all positions line up.
+once (``exar.prompts.completion_ids``, the rule training masks the loss with); every other variant
+reads the SAME ids, so all positions line up.
 
 KL(P_ref || P_variant) is taken per target position over the reference's ``top_k`` most likely
 tokens plus one bucket holding the rest of the vocabulary. That is the exact KL of the two
@@ -14,29 +14,10 @@ instead of the whole vocabulary.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 KL_TOP_K = 32
 _TINY = 1e-300
-
-
-def log_softmax(logits):
-    """Row-wise log-softmax in float64."""
-    import numpy as np
-
-    rows = np.asarray(logits, dtype=np.float64)
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def target_ids(tokenize: Callable[[str], list[int]], prompt: str, completion: str) -> tuple[list[int], int]:
-    """(ids of prompt + completion, number of leading ids that belong to the prompt)."""
-    prompt_ids = tokenize(prompt)
-    ids = tokenize(prompt + completion)
-    start = 0
-    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-        start += 1
-    return ids, start
 
 
 def token_nll(logprobs, ids: Sequence[int], n_prompt: int) -> list[float]:

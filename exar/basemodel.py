@@ -16,7 +16,7 @@ from pathlib import Path
 from exar.constants import BASE_MODELS_DIR, BUILTIN_BASES
 from exar.errors import ExarError
 from exar.prompts import PromptStyle
-from exar.rundir import atomic_path, atomic_write_json, models_dir, sha256_file
+from exar.rundir import atomic_path, atomic_write_json, models_dir, read_json, sha256_file, stat_fingerprint
 
 IMPORT_RECORD = "exar-import.json"
 IMPORT_VERSION = 2  # bump when the import writes something different; older imports are redone
@@ -52,7 +52,9 @@ def resolve_base(spec: str | Path, where: Path | None = None) -> BaseModel:
         check_llama(read_config(path), path / "config.json")
         return _describe(path.name, path, spec_text)
     known = ", ".join(BUILTIN_BASES)
-    raise ExarError(f"base {spec_text!r} is not a model folder, a .gguf file, or a built-in name ({known})")
+    what = "is not a model folder" if path.exists() else "does not exist"
+    raise ExarError(f"base {spec_text!r} {what}: BASE is a local Hugging Face folder, a .gguf file, or a built-in "
+                    f"name ({known}); exar never downloads a base")
 
 
 def builtin_gguf(name: str) -> Path:
@@ -73,19 +75,24 @@ def read_config(folder: Path) -> dict:
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
         raise ExarError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ExarError(f"{config_path}: not valid JSON (line {e.lineno})") from None
+    return read_json(config_path)
+
+
+# The dense decoders llama.cpp's convert_hf_to_gguf.py converts as its `llama` architecture
+# (LlamaModel in conversion/llama.py), by HF architecture -> model_type. Mixtral (MoE) and the
+# multimodal or draft-model classes registered there are not plain causal LMs and stay refused.
+LLAMA_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LLaMAForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
 def check_llama(config: dict, where: Path | str) -> None:
-    """Refuse anything but the Llama architecture, naming what was found."""
+    """Refuse anything but the Llama architecture (Llama, TinyLlama, SmolLM, Mistral, ...), naming what was found."""
     model_type = config.get("model_type") or config.get("general.architecture")
     architectures = config.get("architectures") or []
-    if model_type != "llama" or (architectures and "LlamaForCausalLM" not in architectures):
+    known = [a for a in architectures if a in LLAMA_ARCHITECTURES]
+    if model_type not in set(LLAMA_ARCHITECTURES.values()) or (architectures and not known):
         found = ", ".join(architectures) or model_type or "unknown"
-        raise ExarError(f"{where}: architecture {found} is not supported; exar handles Llama models (LlamaForCausalLM)")
+        raise ExarError(f"{where}: architecture {found} is not supported; exar handles Llama-architecture models "
+                        f"({', '.join(LLAMA_ARCHITECTURES)})")
 
 
 def fingerprint(folder: Path) -> str:
@@ -127,11 +134,8 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
     """Dequantize a Llama GGUF into an HF folder once; later calls reuse it if the source is unchanged."""
     gguf_path, dest = Path(gguf_path), Path(dest)
     record_path = dest / IMPORT_RECORD
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if (record.get("version") == IMPORT_VERSION and record.get("source_name") == gguf_path.name
-                and record.get("source_bytes") == gguf_path.stat().st_size):
-            return dest
+    if record_path.is_file() and _import_is_current(record_path, gguf_path):
+        return dest
     arch = gguf_architecture(gguf_path)
     if arch != "llama":
         raise ExarError(f"{gguf_path}: architecture {arch} is not supported; exar handles Llama models")
@@ -163,8 +167,23 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
                 "source_path": str(gguf_path.resolve()),
                 "source_bytes": gguf_path.stat().st_size,
                 "source_sha256": sha256_file(gguf_path),
+                "source_stat": stat_fingerprint(gguf_path),
             })
     return dest
+
+
+def _import_is_current(record_path: Path, gguf_path: Path) -> bool:
+    """Whether an import was made from these GGUF bytes: its sha256 is compared, and hashed only
+    when the file's inode, mtime or size differ from those recorded (then recorded anew)."""
+    record = json.loads(record_path.read_text())
+    if record.get("version") != IMPORT_VERSION or record.get("source_bytes") != gguf_path.stat().st_size:
+        return False
+    if record.get("source_stat") == stat_fingerprint(gguf_path):
+        return True
+    if record.get("source_sha256") != sha256_file(gguf_path):
+        return False
+    atomic_write_json(record_path, {**record, "source_stat": stat_fingerprint(gguf_path)})
+    return True
 
 
 def prompt_style(folder: Path | str, layout: str = "plain") -> PromptStyle:
@@ -187,18 +206,22 @@ def prompt_style(folder: Path | str, layout: str = "plain") -> PromptStyle:
         chat_template=template,
         bos_token=bos,
         eos_token=_token_text(config.get("eos_token")),
-        add_bos=_adds_bos(config, fast, bos),
+        add_bos=_adds_bos(folder),
         special_tokens=tuple(dict.fromkeys(specials)),
     )
 
 
-def _adds_bos(config: dict, fast: dict, bos: str) -> bool:
-    """Whether the tokenizer puts BOS in front: its config flag, else its post-processor template."""
-    if "add_bos_token" in config:
-        return bool(config["add_bos_token"])
-    single = ((fast.get("post_processor") or {}).get("single")) or []
-    first = single[0].get("SpecialToken", {}) if single else {}
-    return bool(bos) and first.get("id") == bos
+def _adds_bos(folder: Path) -> bool:
+    """Whether the tokenizer puts BOS in front, asked of the tokenizer itself: its config flag, a
+    post-processor template or a Sequence of them (Llama-3) all end up in what it does to a text."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers raises many types for unreadable tokenizers
+        raise ExarError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    ids = tokenizer("a").input_ids
+    return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
 
 
 def _token_text(token) -> str:

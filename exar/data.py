@@ -94,6 +94,8 @@ def load_qa(
 def _raw_items(path: Path) -> Iterable[tuple[str, object]]:
     """(where, parsed item) pairs; unparsable JSONL lines come out as ``_Bad`` so skip_bad can count them."""
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ExarError(f"{path}: the file is empty; expected QA records (dolly or JSONL lines, or an Alpaca JSON array)")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

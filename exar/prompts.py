@@ -24,6 +24,7 @@ Two layouts carry the same three fields (context, instruction, input):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -140,15 +141,22 @@ def role_fields(
     rejected: Sequence[str] = (),
     style: PromptStyle = PLAIN,
 ) -> Fields:
-    """The three slots for a role, as EXAR_METHOD.md defines them."""
+    """The three slots for a role, as EXAR_METHOD.md defines them.
+
+    A context passage (the question's own, or retrieved from the user's documents) reaches every
+    role: the answer role's Context slot; ahead of the question in the validator's Context slot;
+    ahead of the question in the exar role's Input (its Context holds the rejected answers, which
+    its instruction says to differ from). Without one, every prompt is the paper's.
+    """
     clean = lambda s: neutralize(s.strip(), style)  # noqa: E731
+    with_passage = (lambda text: f"{clean(context)}\n\n{clean(text)}") if context.strip() else clean
     if role == "answer":
         return Fields(clean(context), style.instructions["answer"], clean(question))
     if role == "validator":
-        return Fields(clean(question), style.instructions["validator"], clean(candidate))
+        return Fields(with_passage(question), style.instructions["validator"], clean(candidate))
     if role == "exar":
         rejected_text = "\n".join(clean(r) for r in rejected if r.strip())
-        return Fields(rejected_text, style.instructions["exar"], clean(question))
+        return Fields(rejected_text, style.instructions["exar"], with_passage(question))
     raise ExarError(f"unknown role {role!r}; roles are answer, validator, exar")
 
 
@@ -178,12 +186,12 @@ def render_answer(question: str, context: str = "", style: PromptStyle = PLAIN) 
     return render_prompt(role_fields("answer", question, context=context, style=style), style)
 
 
-def render_validator(question: str, candidate: str, style: PromptStyle = PLAIN) -> str:
-    return render_prompt(role_fields("validator", question, candidate=candidate, style=style), style)
+def render_validator(question: str, candidate: str, style: PromptStyle = PLAIN, context: str = "") -> str:
+    return render_prompt(role_fields("validator", question, context=context, candidate=candidate, style=style), style)
 
 
-def render_exar(question: str, rejected: Sequence[str] = (), style: PromptStyle = PLAIN) -> str:
-    return render_prompt(role_fields("exar", question, rejected=rejected, style=style), style)
+def render_exar(question: str, rejected: Sequence[str] = (), style: PromptStyle = PLAIN, context: str = "") -> str:
+    return render_prompt(role_fields("exar", question, context=context, rejected=rejected, style=style), style)
 
 
 def parse_answer(generated: str, style: PromptStyle = PLAIN) -> str:
@@ -196,25 +204,73 @@ def parse_answer(generated: str, style: PromptStyle = PLAIN) -> str:
     return generated[:cut].strip()
 
 
-def label_token_ids(tokenize: Callable[[str], list[int]], prompt: str) -> dict[str, int]:
-    """The first token of each validator label as it continues ``prompt``.
+def completion_ids(tokenize: Callable[[str], list[int]], prompt: str, completion: str) -> tuple[list[int], int]:
+    """(ids of ``prompt + completion``, the index where the completion's ids start).
 
-    Tokenized in context (prompt + label against prompt alone), because a label's first token
-    can differ from the label tokenized on its own. HF and llama.cpp backends both use this.
+    The whole text is tokenized at once, as a model reads it; the completion starts where those ids
+    part from the prompt's own ids (a token that merges the prompt's end with the completion's start
+    belongs to the completion). The ONE rule training (the loss mask), label scoring and eval's
+    teacher forcing all use.
     """
     prompt_ids = tokenize(prompt)
-    firsts = {}
-    for label in LABELS:
-        ids = tokenize(prompt + label)
-        shared = 0
-        while shared < min(len(ids), len(prompt_ids)) and ids[shared] == prompt_ids[shared]:
-            shared += 1
-        if shared >= len(ids):
-            raise ExarError(f"the tokenizer gives no token for the label {label!r}")
-        firsts[label] = ids[shared]
-    if firsts[CORRECT] == firsts[WRONG]:
-        raise ExarError("the validator labels CORRECT and WRONG start with the same token in this tokenizer")
-    return firsts
+    ids = tokenize(prompt + completion)
+    start = 0
+    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
+        start += 1
+    return ids, start
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """What the validator is scored on after a prompt: the ids both verdicts continue (``context``,
+    BOS included) and each label's own ids after them, as training taught them.
+
+    p(CORRECT) compares the two labels' summed token log-probabilities (``p_correct_from_logprobs``).
+    Tokens both labels share at the start are part of ``context`` (their terms would cancel), and the
+    end marker both share (EOS, the end of the chat turn) is left out: it follows either label alike.
+    With one token per label, one forward pass over ``context`` scores both.
+    """
+
+    context: tuple[int, ...]
+    labels: Mapping[str, tuple[int, ...]]
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(ids) == 1 for ids in self.labels.values())
+
+
+def validator_completion(label: str, style: PromptStyle = PLAIN) -> str:
+    """The text the validator is trained to write for ``label`` (e.g. ``"CORRECT</s>"`` or, in a
+    Llama-2 chat template, ``" CORRECT </s>"``): ``render_completion`` of a validator turn."""
+    if label not in LABELS:
+        raise ExarError(f"unknown validator label {label!r}; labels are {', '.join(LABELS)}")
+    return render_completion(role_fields("validator", "?", candidate="?", style=style), label, style)
+
+
+def label_tokens(tokenize: Callable[[str], list[int]], prompt: str, style: PromptStyle = PLAIN) -> LabelTokens:
+    """The token sequences each verdict continues ``prompt`` with, exactly as ``render_completion``
+    rendered them for training; HF scoring, eval and the llama.cpp runtime all score these."""
+    full = {label: completion_ids(tokenize, prompt, validator_completion(label, style))[0] for label in LABELS}
+    a, b = full[CORRECT], full[WRONG]
+    shortest = min(len(a), len(b))
+    prefix = 0
+    while prefix < shortest and a[prefix] == b[prefix]:
+        prefix += 1
+    if prefix == shortest:
+        raise ExarError("the tokenizer gives the validator labels CORRECT and WRONG the same tokens")
+    suffix = 0
+    while suffix < shortest - prefix - 1 and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return LabelTokens(tuple(a[:prefix]), {label: tuple(ids[prefix:len(ids) - suffix]) for label, ids in full.items()})
+
+
+def p_correct_from_logprobs(logp_correct: float, logp_wrong: float) -> float:
+    """p(CORRECT) = exp(l_C) / (exp(l_C) + exp(l_W)) over the labels' summed log-probabilities, without overflow."""
+    margin = float(logp_correct) - float(logp_wrong)
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    odds = math.exp(margin)
+    return odds / (1.0 + odds)
 
 
 def _plain_body(fields: Fields) -> str:
@@ -270,3 +326,19 @@ def _compiled_template(source: str | None):
         env.globals["raise_exception"] = raise_exception
         _TEMPLATES[source] = env.from_string(source)
     return _TEMPLATES[source]
+
+
+# --- QA generation from documents (exar-train generate-qa) --------------------------------------
+# The document's passage goes in the Context slot, the instruction below in the Instruction slot,
+# and the Input slot stays empty; the same layouts (plain or the model's chat template) apply.
+
+QA_GENERATION_INSTRUCTION = (
+    "Write {n} questions about the text given in Context, each with its short answer copied from the text. "
+    "Write each pair on two lines, like this:\nQ: <question>\nA: <answer>"
+)
+
+
+def render_qa_generation(passage: str, n: int, style: PromptStyle = PLAIN) -> str:
+    """The prompt asking a model for ``n`` question/answer pairs about ``passage``."""
+    fields = Fields(neutralize(passage.strip(), style), QA_GENERATION_INSTRUCTION.format(n=n), "")
+    return render_prompt(fields, style)

@@ -22,20 +22,31 @@ from exar.constants import DEFAULT_QUANT
               help="Merge into the 16/32-bit base (w16) or into its NF4 round trip, the base QLoRA trained against.")
 @click.option("--ollama", is_flag=True, help="Also write Ollama Modelfiles (FROM, TEMPLATE in exar's prompt layout, stops).")
 @click.option("--threads", type=int, default=None, help="Threads for quantization and checks (default: all cores).")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's native log instead of writing it to gguf/llama-cpp.log.")
+@click.option("--pre-tokenizer", default=None, metavar="NAME",
+              help="llama.cpp's name for a BPE tokenizer's pre-tokenizer (e.g. llama-bpe), for a tokenizer whose "
+                   "hash llama.cpp's table does not know; exar says when it is needed.")
+@click.option("--max-kld", type=float, default=None, metavar="KLD",
+              help="Gate limit on a quantized file's mean KL divergence to the unquantized one (default: 20x "
+                   "llama.cpp's published LLaMA-3-8B figure for the type, e.g. 1.44 for q4_0).")
+@click.option("--verbose", is_flag=True, help="Also show llama.cpp's native log (quantization's is kept in "
+                                              "gguf/llama-cpp.log either way) and the libraries' warnings.")
 @json_option
 @version_option
 @debug_option
-def cli(run_dir, quants, mode, outtype, pure, no_consolidated, merge_base, ollama, threads, verbose, as_json):
+def cli(run_dir, quants, mode, outtype, pure, no_consolidated, merge_base, ollama, threads, pre_tokenizer, max_kld,
+        verbose, as_json):
     """Take a run's adapters to files llama.cpp runs on a laptop, and prove they compute what was trained.
 
     \b
-    Writes (DESIGN.md names, all recorded in manifest.json with their checks):
+    Writes (DESIGN.md names, all recorded in manifest.json with their gate results):
       gguf/base.<outtype>.gguf  gguf/base.<quant>.gguf  gguf/<role>.lora.gguf      (--mode adapters)
       hf/<role>/  consolidated/<role>/  gguf/<role>.<outtype>.gguf  gguf/<role>.<quant>.gguf  (--mode merged)
-    Every GGUF is checked: vocabulary and token ids equal to the HF tokenizer's (the three EXAR
-    prompts included), logits within tolerance of transformers, and each quantized file's mean KL
-    divergence and top-1 agreement against the unquantized one. Unchanged artifacts are skipped.
+    Every file passes a gate or the export fails (exit 1, the file recorded as failed, refused by
+    exar-edge and exar-eval): GGUF vocabulary and token ids equal to the HF tokenizer's and logits
+    within tolerance of transformers (+ the PEFT adapter for LoRA GGUFs); quantized files (merged,
+    and base + LoRA) within llama.cpp's published KL-divergence and top-1 limits for their type;
+    merged HF weights against the PEFT model; consolidated tensors bit for bit. Llama, Llama-3.x,
+    TinyLlama, SmolLM and Mistral bases are supported. Unchanged, passed artifacts are skipped.
 
     \b
     Example:  exar-export --quant q4_0 --quant q8_0 --mode both
@@ -51,7 +62,7 @@ def cli(run_dir, quants, mode, outtype, pure, no_consolidated, merge_base, ollam
     run = open_run(run_dir)
     options = ExportOptions(quants=tuple(dict.fromkeys(quants)), mode=mode, outtype=outtype, pure=pure,
                             consolidated=not no_consolidated, merge_base=merge_base, ollama=ollama,
-                            verbose=verbose, threads=threads)
+                            verbose=verbose, threads=threads, pre_tokenizer=pre_tokenizer, max_kld=max_kld)
     summary = export_run(run, options, echo=lambda line: click.echo(line, err=True))
     if as_json:
         echo_json(summary)
@@ -60,15 +71,14 @@ def cli(run_dir, quants, mode, outtype, pure, no_consolidated, merge_base, ollam
 
 
 def summary_table(summary: dict) -> str:
-    """Checks per GGUF: unquantized files against transformers, quantized ones against the unquantized."""
-    lines = [f"{'file':<30} {'check':<44}"]
-    for rel, check in summary["verification"].items():
-        if "mean_kl" in check:
-            text = f"mean KL {check['mean_kl']:.5f}  top-1 {check['top1_agreement']:.1%}  ({check['tokens']} tokens)"
-        else:
-            text = (f"{'ok' if check['passed'] else 'FAILED'}: vocab + ids of {check['texts']} texts, "
-                    f"logits {check['logit_rel_max_diff']:.1e} <= {check['logit_tolerance']:.0e}")
-        lines.append(f"{rel:<30} {text}")
+    """One line per file: its gate verdict and the checks' values against their limits."""
+    lines = [f"{'file':<30} gate"]
+    for rel, gate in summary["gates"].items():
+        if not gate:
+            continue
+        checks = "; ".join(f"{c['check']} {c['value']:.3g} {'<=' if c['at_most'] else '>='} {c['limit']:.3g}"
+                           for c in gate["checks"])
+        lines.append(f"{rel:<30} {'passed' if gate['passed'] else 'FAILED'}: {checks}")
     return "\n".join(lines)
 
 

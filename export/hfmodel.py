@@ -1,7 +1,8 @@
-"""Reading a Llama HF folder without loading it: its shape, and its tensors one at a time.
+"""Reading a Llama-architecture HF folder without loading it: its shape, and its tensors one at a time.
 
-Export never holds a whole model in memory: every converter walks ``TensorSource`` and loads
-one tensor, writes it, and lets it go. This is what keeps a 7B export under a few GiB of RAM.
+Export never holds a whole model in memory: every converter walks ``TensorSource``, which opens
+the safetensors shard with ``safe_open`` for each tensor, so a tensor's pages are mapped only
+while that tensor is in use and the resident memory stays near the size of the largest tensor.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from exar.basemodel import check_llama, read_config
 from exar.errors import ExarError
+
+INDEX = "model.safetensors.index.json"
 
 # HF stores q/k rows per head as [first halves of the rotary pairs | second halves]; Meta's
 # checkpoints and llama.cpp interleave the pairs. These two functions move between the two.
 
 
 def interleave_qk(weight, n_heads: int):
-    """HF (rotate-half) rows -> Meta / GGUF (interleaved) rows; works on any (rows, ...) array."""
+    """HF (rotate-half) rows -> Meta / GGUF (interleaved) rows; works on any (rows, ...) array, biases too."""
     rows = weight.shape[0]
     return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
@@ -48,6 +50,9 @@ class LlamaShape:
     rope_scaling: dict | None
     context: int
     tied: bool
+    model_type: str = "llama"
+    head_dim_in_config: bool = False   # llama.cpp's converter writes key/value_length only then
+    sliding_window: int | None = None  # Mistral v0.1; llama.cpp's llama architecture attends to everything
 
     @classmethod
     def read(cls, folder: Path | str) -> "LlamaShape":
@@ -73,9 +78,12 @@ class LlamaShape:
                 rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                 context=int(config.get("max_position_embeddings") or 2048),
                 tied=bool(config.get("tie_word_embeddings", False)),
+                model_type=str(config.get("model_type") or "llama"),
+                head_dim_in_config=config.get("head_dim") is not None,
+                sliding_window=config.get("sliding_window"),
             )
-        except KeyError as e:
-            raise ExarError(f"{where}: missing field {e.args[0]}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExarError(f"{where}: missing or bad field {e.args[0] if e.args else e}") from None
 
     @property
     def n_params(self) -> int:
@@ -85,10 +93,10 @@ class LlamaShape:
         return self.layers * (attn + mlp + 2 * self.hidden) + embed + self.hidden
 
     def qk_heads(self, hf_name: str) -> int | None:
-        """How many heads a tensor's rows are grouped in, if it is a q or k projection."""
-        if hf_name.endswith("q_proj.weight"):
+        """How many heads a tensor's rows are grouped in, if it is a q or k projection (weight or bias)."""
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             return self.heads
-        if hf_name.endswith("k_proj.weight"):
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             return self.kv_heads
         return None
 
@@ -99,29 +107,50 @@ class TensorInfo:
     file: Path
     dtype: str      # safetensors dtype: F32, F16, BF16, ...
     shape: tuple[int, ...]
-    start: int = 0  # byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
-        size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}.get(self.dtype, 4)
+        size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}.get(self.dtype, 4)
         count = 1
         for dim in self.shape:
             count *= dim
         return count * size
 
 
+def safetensors_infos(file: Path) -> dict[str, TensorInfo]:
+    """name -> TensorInfo of one safetensors file, read by ``safe_open`` (which refuses a truncated file)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: TensorInfo(name, file, f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape()))
+                    for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ExarError(f"{file}: truncated or not a safetensors file ({e}); copy or download it again") from None
+
+
 class TensorSource:
-    """The tensors of an HF folder's safetensors shards, listed from their headers, loaded one by one."""
+    """The tensors of an HF folder's safetensors shards (as its index lays them out), loaded one by one."""
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        index = self.folder / INDEX
+        weight_map = _weight_map(index) if index.is_file() else None
+        if weight_map is not None:
+            files = [self.folder / name for name in dict.fromkeys(sorted(weight_map.values()))]
+            for file in files:
+                if not file.is_file():
+                    raise ExarError(f"{index}: names the shard {file.name}, which is missing")
+        else:
+            files = sorted(self.folder.glob("model*.safetensors"))  # as convert_hf_to_gguf.py: not adapter_model
         if not files:
-            raise ExarError(f"{self.folder}: no *.safetensors weights (export reads safetensors only)")
+            raise ExarError(f"{self.folder}: no model*.safetensors weights (export reads safetensors only)")
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
-            for name, (dtype, shape, start) in read_safetensors_header(file).items():
-                self.infos[name] = TensorInfo(name, file, dtype, tuple(shape), start)
+            self.infos.update(safetensors_infos(file))
+        if weight_map is not None:
+            _check_index(index, weight_map, self.infos)
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -130,21 +159,12 @@ class TensorSource:
         return list(self.infos)
 
     def load(self, name: str):
-        """One tensor as a torch tensor (its stored dtype), read into its own buffer (no mmap kept resident)."""
-        import torch
+        """One tensor (its stored dtype), mapped from its shard only until the caller lets it go."""
+        from safetensors import safe_open
 
         info = self.infos[name]
-        dtype = _TORCH_DTYPES.get(info.dtype)
-        if dtype is None:
-            raise ExarError(f"{info.file}: tensor {name} has dtype {info.dtype}, which export does not read")
-        buffer = bytearray(info.nbytes)
-        with open(info.file, "rb") as f:
-            f.seek(info.start)
-            if f.readinto(buffer) != info.nbytes:
-                raise ExarError(f"{info.file}: truncated inside tensor {name}")
-        if not buffer:
-            return torch.empty(info.shape, dtype=getattr(torch, dtype))
-        return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(info.shape)
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
 
     def by_file(self) -> dict[Path, list[str]]:
         files: dict[Path, list[str]] = {}
@@ -152,43 +172,28 @@ class TensorSource:
             files.setdefault(info.file, []).append(info.name)
         return files
 
-    def iter_file(self, file: Path) -> Iterator[tuple[str, object]]:
-        """The tensors of one shard, loaded one at a time."""
-        for name in self.by_file()[file]:
-            yield name, self.load(name)
 
-
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                 "I32": "int32", "I8": "int8", "U8": "uint8"}
-
-
-def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int], int]]:
-    """name -> (dtype, shape, absolute data offset) of a safetensors file, after checking the file is complete."""
-    file = Path(file)
-    size = file.stat().st_size
+def _weight_map(index: Path) -> dict[str, str]:
     try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a header")
-            length = int.from_bytes(head, "little")
-            if length <= 0 or 8 + length > size:
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(f.read(length))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ExarError(f"{file}: not a valid safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    end = 0
-    tensors = {}
-    for name, meta in header.items():
-        try:
-            tensors[name] = (meta["dtype"], list(meta["shape"]), 8 + length + int(meta["data_offsets"][0]))
-            end = max(end, int(meta["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError):
-            raise ExarError(f"{file}: damaged header entry for tensor {name}") from None
-    if 8 + length + end > size:
-        raise ExarError(f"{file}: truncated ({size} bytes, the header needs {8 + length + end}); copy or download it again")
-    return tensors
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExarError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ExarError(f"{index}: weight_map is empty")
+    return weight_map
+
+
+def _check_index(index: Path, weight_map: dict[str, str], infos: dict[str, TensorInfo]) -> None:
+    """The index and the shards must agree tensor for tensor, as transformers' loader assumes."""
+    for name, shard in weight_map.items():
+        if name not in infos:
+            raise ExarError(f"{index}: lists {name} in {shard}, which holds no such tensor")
+        if infos[name].file.name != shard:
+            raise ExarError(f"{index}: lists {name} in {shard}, but it is in {infos[name].file.name}")
+    extra = sorted(set(infos) - set(weight_map))
+    if extra:
+        raise ExarError(f"{index}: does not list {extra[0]} (in {infos[extra[0]].file.name})"
+                        + (f" and {len(extra) - 1} more tensors" if len(extra) > 1 else ""))
 
 
 def copy_tokenizer_files(src: Path, dest: Path) -> None:

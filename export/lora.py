@@ -8,15 +8,14 @@ run time, on top of any base, quantized or not.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from exar.errors import ExarError
-from exar.export.hfmodel import LlamaShape, TensorSource, interleave_qk, read_safetensors_header
-from exar.rundir import atomic_path
+from exar.export.hfmodel import LlamaShape, TensorSource, interleave_qk, safetensors_infos
+from exar.rundir import atomic_path, read_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -70,10 +69,7 @@ def read_adapter(adapter_dir: Path | str, base_dir: Path | str, *, base_names: t
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise ExarError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ExarError(f"{config_path}: not valid JSON (line {e.lineno})") from None
+    config = read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ExarError(f"{config_path}: peft_type {config.get('peft_type')} is not LoRA")
     for flag, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (fully trained modules)")):
@@ -86,7 +82,7 @@ def read_adapter(adapter_dir: Path | str, base_dir: Path | str, *, base_names: t
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ExarError(f"{folder}: no {WEIGHTS}")
-    read_safetensors_header(weights)
+    safetensors_infos(weights)
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors' own error types

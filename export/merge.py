@@ -1,9 +1,11 @@
-"""Merge a LoRA adapter into its base: in fp32, into 16/32-bit weights, one safetensors shard at a time.
+"""Merge a LoRA adapter into its base: in fp32, into 16/32-bit weights, one tensor at a time.
 
 Merging into 4-bit weights loses what the adapter learned; exar never does it. ``w16`` adds the
 adapter to the base as stored (the usual choice); ``nf4-roundtrip`` first replaces every linear
 layer by its NF4 (double-quant, blocksize 64) quantize-dequantize round trip, which is the base
-QLoRA actually trained against. The eval stage measures both.
+QLoRA actually trained against. The eval stage measures both. The merged folder keeps the
+base's shard layout; each shard is streamed (``exar.export.streamed``), so memory holds one
+tensor and its fp32 copy, never a shard.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 from pathlib import Path
 
 from exar.errors import ExarError
-from exar.export.hfmodel import TensorSource, copy_tokenizer_files
+from exar.export.hfmodel import INDEX, TensorSource, copy_tokenizer_files
 from exar.export.lora import read_adapter
+from exar.export.streamed import OutTensor, write_safetensors
 from exar.rundir import atomic_path
 
 MERGE_BASES = ("w16", "nf4-roundtrip")
@@ -28,7 +31,6 @@ def merge_adapter(base_dir: Path | str, adapter_dir: Path | str, out_dir: Path |
     Returns per-module statistics (largest change) for the manifest.
     """
     import torch
-    from safetensors.torch import save_file
 
     from exar.progress import bar
 
@@ -42,35 +44,36 @@ def merge_adapter(base_dir: Path | str, adapter_dir: Path | str, out_dir: Path |
     source = TensorSource(base_dir)
     largest_change: dict[str, float] = {}
 
+    def merged(name: str):
+        weight32 = source.load(name).to(torch.float32)
+        if merge_base == "nf4-roundtrip" and is_linear(name):
+            weight32 = nf4_roundtrip(weight32)
+        module = adapter.modules.get(name)
+        if module is not None:
+            delta = module.delta()
+            change = float(delta.abs().max())
+            if change == 0.0:
+                raise ExarError(f"{adapter_dir}: the adapter does not change {name} (lora_B is zero: was it trained?)")
+            weight32 = weight32 + delta
+            largest_change[name] = change
+        out = weight32.to(torch_dtype)
+        if not torch.isfinite(out).all():
+            raise ExarError(f"{base_dir}: merged {name} holds inf or NaN in {dtype}; merge with --outtype f32")
+        return out
+
     with atomic_path(out_dir, is_dir=True) as tmp:
         shards = source.by_file()
-        for file in bar(shards, desc=f"merging {Path(adapter_dir).name}", unit="shard") if progress else shards:
-            merged = {}
-            for name, weight in source.iter_file(file):
-                weight32 = weight.to(torch.float32)
-                if merge_base == "nf4-roundtrip" and _is_linear(name):
-                    weight32 = nf4_roundtrip(weight32)
-                module = adapter.modules.get(name)
-                if module is not None:
-                    delta = module.delta()
-                    change = float(delta.abs().max())
-                    if change == 0.0:
-                        raise ExarError(f"{adapter_dir}: the adapter does not change {name} (lora_B is zero: was it trained?)")
-                    weight32 = weight32 + delta
-                    largest_change[name] = change
-                out = weight32.to(torch_dtype).contiguous()
-                if not torch.isfinite(out).all():
-                    raise ExarError(f"{base_dir}: merged {name} holds inf or NaN in {dtype}; merge with --outtype f32")
-                merged[name] = out
-            save_file(merged, str(tmp / file.name), metadata={"format": "pt"})
-            del merged
+        for file, names in bar(shards.items(), desc=f"merging {Path(adapter_dir).name}", unit="shard") if progress \
+                else shards.items():
+            specs = [OutTensor(n, torch_dtype, source.infos[n].shape, lambda n=n: merged(n)) for n in names]
+            write_safetensors(tmp / file.name, specs, metadata={"format": "pt"})
         _write_config(base_dir, tmp, DTYPES[dtype])
         copy_tokenizer_files(base_dir, tmp)
     return {"merge_base": merge_base, "dtype": dtype, "modules": len(largest_change),
             "largest_change": max(largest_change.values())}
 
 
-def _is_linear(name: str) -> bool:
+def is_linear(name: str) -> bool:
     """The layers bitsandbytes quantizes in QLoRA: every projection inside the blocks (not embeddings, not lm_head)."""
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
@@ -88,8 +91,8 @@ def _write_config(base_dir: Path, dest: Path, dtype_name: str) -> None:
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
     config.pop("quantization_config", None)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    index = base_dir / "model.safetensors.index.json"
+    index = base_dir / INDEX
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
-        data["metadata"] = {"total_size": sum(f.stat().st_size for f in dest.glob("*.safetensors"))}
+        data["metadata"] = {"total_size": sum(TensorSource(dest).infos[n].nbytes for n in data["weight_map"])}
         (dest / index.name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

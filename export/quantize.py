@@ -1,8 +1,9 @@
 """4-bit (and every other) quantization with llama.cpp's own quantizer, through llama-cpp-python.
 
 The type table is read from llama-cpp-python's ``LLAMA_FTYPE_MOSTLY_*`` constants, so it is
-exactly what the installed llama.cpp offers. llama.cpp's native log goes to a file unless asked
-for; the summary says which tensors llama.cpp stored at another type than asked, and why.
+exactly what the installed llama.cpp offers. llama.cpp's native log goes to a file (to the
+terminal too only under --verbose); the summary says which tensors llama.cpp stored at another
+type than asked, and why.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ctypes
 import functools
 import os
 from pathlib import Path
-from typing import Iterator
 
 from exar.errors import ExarError
 from exar.rundir import atomic_path
@@ -42,38 +42,17 @@ def check_quant(qtype: str) -> int:
     return types[qtype]
 
 
-@contextlib.contextmanager
-def native_log(log_path: Path | str | None, verbose: bool = False) -> Iterator[None]:
-    """Send llama.cpp's native log to ``log_path`` (appending; none: discarded) instead of the terminal, unless ``verbose``."""
-    import llama_cpp
-    import llama_cpp._logger as default_logger
-
-    if verbose:
-        yield
-        return
-    if log_path is not None:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path if log_path is not None else os.devnull, "ab") as log:
-        @llama_cpp.llama_log_callback
-        def to_file(level, text, user_data):
-            log.write(text or b"")
-
-        llama_cpp.llama_log_set(to_file, ctypes.c_void_p(0))
-        try:
-            yield
-        finally:
-            llama_cpp.llama_log_set(default_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
 def quantize_gguf(src: Path | str, dst: Path | str, qtype: str, *, pure: bool = False,
-                  log_path: Path | str | None = None, verbose: bool = False, threads: int | None = None) -> dict:
+                  log_path: Path | str | None = None, threads: int | None = None) -> dict:
     """Quantize the GGUF ``src`` to ``qtype`` at ``dst`` with ``llama_model_quantize``.
 
     ``pure`` quantizes every matrix to ``qtype`` (llama-quantize --pure: no higher-precision
-    output or embedding, no k-quant mixes). Returns ``summarize_types(dst, qtype)``.
+    output or embedding, no k-quant mixes). llama.cpp's log is appended to ``log_path`` (and
+    shown only under ``exar.llamacpp.show_native_log``). Returns ``summarize_types(dst, qtype)``.
     """
-    import llama_cpp
+    from exar.llamacpp import load_llama_cpp, native_log_file
 
+    llama_cpp = load_llama_cpp()
     ftype = check_quant(qtype)
     src, dst = Path(src), Path(dst)
     read_gguf_header(src)
@@ -81,10 +60,11 @@ def quantize_gguf(src: Path | str, dst: Path | str, qtype: str, *, pure: bool = 
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
     params.pure = pure
-    with atomic_path(dst) as tmp, native_log(log_path, verbose):
+    log = native_log_file(log_path) if log_path is not None else contextlib.nullcontext()
+    with atomic_path(dst) as tmp, log:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
-            where = f"; see {log_path}" if log_path and not verbose else ""
+            where = f"; see {log_path}" if log_path else ""
             raise ExarError(f"{src}: llama.cpp could not quantize it to {qtype} (status {status}){where}")
     return summarize_types(dst, qtype, pure=pure)
 
@@ -122,7 +102,7 @@ def summarize_types(path: Path | str, qtype: str, *, pure: bool = False) -> dict
     import gguf
 
     reader = read_gguf_header(path)
-    base = _base_type(qtype)
+    base = base_type(qtype)
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base.upper()]][0] if base.upper() in gguf.GGMLQuantizationType.__members__ else 1
     counts: dict[str, int] = {}
     kept = []
@@ -142,7 +122,7 @@ def summarize_types(path: Path | str, qtype: str, *, pure: bool = False) -> dict
     return {"quant": qtype, "pure": pure, "types": counts, "kept": kept}
 
 
-def _base_type(qtype: str) -> str:
+def base_type(qtype: str) -> str:
     """The ggml tensor type a file type is named after: q4_k_m -> q4_k, q4_0 -> q4_0."""
     for suffix in ("_s", "_m", "_l", "_xs", "_xxs"):
         if qtype.endswith(suffix) and qtype[: -len(suffix)].endswith("_k"):

@@ -1,35 +1,60 @@
 """DATASET+: every stage-zero prediction labelled CORRECT or WRONG by the paper's later rule.
 
-CORRECT if exact match; or ROUGE-L F > 0.5 and BERTScore F1 >= 0.5; or ROUGE-L P >= 0.6 or
-ROUGE-L R >= 0.6; or BERTScore F1 > 0.9; else WRONG. The thresholds and the BERTScore backbone
-are settings, recorded in run.json. Rows are deduplicated on (question, prediction), never on the
-prediction alone (the paper merged identical answers to different questions).
+CORRECT if exact match; or ROUGE-L F > a and BERTScore F1 >= b; or ROUGE-L P >= c or ROUGE-L R >= c;
+or BERTScore F1 > d; else WRONG. The paper's a, b, c, d = 0.5, 0.5, 0.6, 0.9 were tuned for
+deberta-v2-xxlarge-mnli; the thresholds of each BERTScore backbone live in
+``exar.constants.ANNOTATION_THRESHOLDS`` (the offline MiniLM default's fitted on human labels).
+Thresholds and backbone are recorded in run.json. Rows are deduplicated on (question,
+prediction), never on the prediction alone (the paper merged identical answers to different
+questions).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Mapping, Sequence
 
 from exar import constants as C
 from exar.data import read_jsonl, write_jsonl
 from exar.errors import ExarError
 from exar.prompts import CORRECT, LABELS, WRONG
-from exar.rundir import Run
+from exar.rundir import Run, writes_run
 
 EXACT_MATCH_MODE = "squad"
 
 
+_PAPER = C.ANNOTATION_THRESHOLDS[C.PAPER_BACKBONE]
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    rouge_match_f: float = C.ROUGE_MATCH_F    # ROUGE-L F > this ...
-    bert_match_f1: float = C.BERT_MATCH_F1    # ... and BERTScore F1 >= this
-    rouge_solo_pr: float = C.ROUGE_SOLO_PR    # or ROUGE-L precision or recall >= this
-    bert_solo_f1: float = C.BERT_SOLO_F1      # or BERTScore F1 > this
+    """The rule's four thresholds; the defaults are the paper's (for deberta-v2-xxlarge-mnli)."""
+
+    rouge_match_f: float = _PAPER["rouge_match_f"]    # ROUGE-L F > this ...
+    bert_match_f1: float = _PAPER["bert_match_f1"]    # ... and BERTScore F1 >= this
+    rouge_solo_pr: float = _PAPER["rouge_solo_pr"]    # or ROUGE-L precision or recall >= this
+    bert_solo_f1: float = _PAPER["bert_solo_f1"]      # or BERTScore F1 > this
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def for_backbone(cls, backbone: str, overrides: Mapping[str, float] | None = None) -> tuple["Thresholds", str]:
+        """The thresholds recorded for a BERTScore backbone (``bertscore_backbone``'s name, version
+        ignored), with ``overrides`` on top; and where they came from, for run.json."""
+        name = backbone.split("==")[0]
+        if name in C.ANNOTATION_THRESHOLDS:
+            thresholds = cls(**C.ANNOTATION_THRESHOLDS[name])
+            source = f"exar.constants.ANNOTATION_THRESHOLDS[{name!r}]"
+        else:
+            thresholds = cls()
+            source = f"the paper's values (tuned for {C.PAPER_BACKBONE}; none recorded for {name})"
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if given:
+            thresholds = replace(thresholds, **given)
+            source += " with " + ", ".join(f"{k}={v}" for k, v in sorted(given.items()))
+        return thresholds, source
 
 
 def label(exact: bool, rouge_p: float, rouge_r: float, rouge_f: float, bert_f1: float,
@@ -100,10 +125,14 @@ def _human(row: dict) -> str | None:
     return value.strip().upper() if isinstance(value, str) else None
 
 
-def annotate(run: Run, *, thresholds: Thresholds = Thresholds(), bertscore_model: str | None = None,
+@writes_run("annotate")
+def annotate(run: Run, *, overrides: Mapping[str, float] | None = None, bertscore_model: str | None = None,
              bertscore_layers: int | None = None, batch_size: int = 64, force: bool = False) -> dict:
-    """Label the run's predictions into ``data/dataset-plus.jsonl``; returns the run.json section."""
-    if run.has(C.DATASET_PLUS) and not force:
+    """Label the run's predictions into ``data/dataset-plus.jsonl``; returns the run.json section.
+
+    The thresholds are the backbone's (``Thresholds.for_backbone``), with ``overrides`` on top.
+    """
+    if run.done(C.DATASET_PLUS, force=force):
         print(f"annotate: {run.path(C.DATASET_PLUS)} is done (use --force to redo it)", file=sys.stderr)
         return run.settings.get("annotate", {})
     run.verify(C.PRE_DATASET_PLUS)
@@ -111,19 +140,24 @@ def annotate(run: Run, *, thresholds: Thresholds = Thresholds(), bertscore_model
     if not predictions:
         raise ExarError(f"{run.path(C.PRE_DATASET_PLUS)}: no predictions to annotate")
     unique = dedup(predictions)
+    from exar.metrics import bertscore_backbone
     from exar.progress import status
 
+    thresholds, source = Thresholds.for_backbone(bertscore_backbone(bertscore_model, bertscore_layers), overrides)
     with status(f"annotate: scoring {len(unique)} predictions (ROUGE-L, BERTScore)"):
         labelled, info = score_and_label(unique, thresholds, bertscore_model, bertscore_layers, batch_size)
     with run.writing(C.DATASET_PLUS, "dataset-plus", made_from=[C.PRE_DATASET_PLUS]) as tmp:
         write_jsonl(tmp, labelled)
     section = {
         "thresholds": thresholds.to_dict(),
+        "thresholds_from": source,
         "exact_match": EXACT_MATCH_MODE,
         "bertscore": info,
         "predictions": len(predictions),
         "duplicates_removed": len(predictions) - len(unique),
         **summarize(labelled),
+        "by_split": {split: summarize([r for r in labelled if r.get("split", "train") == split])["counts"]
+                     for split in ("train", "dev")},
     }
     run.update_settings("annotate", section)
     return section

@@ -12,7 +12,9 @@ from typing import Iterable, Sequence
 
 from exar.data import QA, question_key
 from exar.errors import ExarError
-from exar.prompts import CORRECT, LABELS, WRONG, PromptStyle, render_completion, render_prompt, role_fields
+from exar.metrics import answer_key
+from exar.prompts import (CORRECT, LABELS, WRONG, PromptStyle, completion_ids, render_completion, render_prompt,
+                          role_fields)
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 
@@ -39,8 +41,8 @@ def answer_examples(records: Iterable[QA], style: PromptStyle) -> list[Example]:
 
 def validator_examples(rows: Iterable[dict], style: PromptStyle) -> list[Example]:
     """DATASET+ rows: (question, candidate) -> CORRECT / WRONG."""
-    return [_example("validator", r["question"], r["label"], style, label=r["label"], candidate=r["prediction"])
-            for r in rows]
+    return [_example("validator", r["question"], r["label"], style, label=r["label"], candidate=r["prediction"],
+                     context=r.get("context") or "") for r in rows]
 
 
 def reference_examples(rows: Iterable[dict], style: PromptStyle) -> list[Example]:
@@ -50,34 +52,40 @@ def reference_examples(rows: Iterable[dict], style: PromptStyle) -> list[Example
         key = question_key(r["question"])
         if key not in seen:
             seen.add(key)
-            examples.append(_example("validator", r["question"], CORRECT, style, label=CORRECT, candidate=r["reference"]))
+            examples.append(_example("validator", r["question"], CORRECT, style, label=CORRECT, candidate=r["reference"],
+                                     context=r.get("context") or ""))
     return examples
 
 
 def exar_examples(rows: Iterable[dict], style: PromptStyle) -> list[Example]:
     """DATASET+ rows -> re-answer rows; the target is ALWAYS the reference answer.
 
-    A question with WRONG predictions gives one row whose context holds all of them (from every
-    temperature); a question with a CORRECT prediction gives one row with an empty context (a
-    first attempt). The paper's dolly script put the wrong prediction in the target instead.
+    The loop's round r shows the exar role the first r - 1 rejected answers, so a question whose
+    WRONG predictions are A, B, C (coolest temperature first, repeats merged by the loop's own
+    ``answer_key``) gives one row per prefix: [A], [A, B], [A, B, C]. A question with a CORRECT
+    prediction also gives one row with an empty context (a first attempt). The paper's dolly
+    script put the wrong prediction in the target instead.
     """
     by_question: dict[str, dict] = {}
-    for r in rows:
-        entry = by_question.setdefault(question_key(r["question"]), {"row": r, "rejected": [], "correct": False})
+    for r in sorted(rows, key=lambda r: float(r.get("temperature") or 0.0)):
+        entry = by_question.setdefault(question_key(r["question"]), {"row": r, "rejected": {}, "correct": False})
         if r["label"] == WRONG:
-            if r["prediction"] not in entry["rejected"]:
-                entry["rejected"].append(r["prediction"])
+            key = answer_key(r["prediction"])
+            if key and key not in entry["rejected"]:
+                entry["rejected"][key] = r["prediction"]
         elif r["label"] == CORRECT:
             entry["correct"] = True
         else:
             raise ExarError(f"DATASET+ row for {r['question'][:60]!r}: label {r['label']!r} is not CORRECT or WRONG")
     examples = []
     for entry in by_question.values():
-        first = entry["row"]
+        first, rejected = entry["row"], list(entry["rejected"].values())
+        passage = first.get("context") or ""
         if entry["correct"]:
-            examples.append(_example("exar", first["question"], first["reference"], style))
-        if entry["rejected"]:
-            examples.append(_example("exar", first["question"], first["reference"], style, rejected=entry["rejected"]))
+            examples.append(_example("exar", first["question"], first["reference"], style, context=passage))
+        for k in range(1, len(rejected) + 1):
+            examples.append(_example("exar", first["question"], first["reference"], style, rejected=rejected[:k],
+                                     context=passage))
     return examples
 
 
@@ -108,15 +116,10 @@ def balance(examples: Sequence[Example], seed: int) -> list[Example]:
 def encode(tokenizer, example: Example, max_seq_len: int) -> dict | None:
     """``input_ids`` of prompt + completion and ``labels`` with every prompt position ignored.
 
-    The whole text is tokenized at once (as at inference the model continues the prompt); the
-    completion starts where its ids part from the prompt's own ids, the rule
-    ``exar.prompts.label_token_ids`` uses. Returns None when truncation leaves no target token.
+    Where the completion starts is ``exar.prompts.completion_ids``: the rule label scoring and
+    eval use too. Returns None when truncation leaves no target token.
     """
-    prompt_ids = tokenizer(example.prompt).input_ids
-    ids = tokenizer(example.prompt + example.completion).input_ids
-    start = 0
-    while start < min(len(ids), len(prompt_ids)) and ids[start] == prompt_ids[start]:
-        start += 1
+    ids, start = completion_ids(lambda text: tokenizer(text).input_ids, example.prompt, example.completion)
     ids = ids[:max_seq_len]
     if start >= len(ids):
         return None

@@ -1,4 +1,8 @@
-"""pre-DATASET+: the stage-zero adapter answers the TRAIN pool at several temperatures.
+"""pre-DATASET+: the stage-zero adapter answers the train pool and the dev questions at several temperatures.
+
+The train pool's answers become the validator's and the exar role's training rows; the dev
+questions' answers (``split`` "dev"; no adapter trained on those questions) are where the
+validator's threshold is fitted.
 
 Rows are appended to a working file batch by batch, so an interrupted run resumes where it
 stopped; the final ``data/pre-dataset-plus.jsonl`` appears (atomically) only when all are done.
@@ -16,29 +20,37 @@ from exar import constants as C
 from exar.data import QA, append_jsonl, read_jsonl, read_jsonl_resumable, write_jsonl
 from exar.errors import ExarError
 from exar.prompts import PromptStyle, parse_answer, render_answer
-from exar.rundir import Run, atomic_write_json
+from exar.rundir import Run, atomic_write_json, writes_run
 
 PARTIAL = C.PRE_DATASET_PLUS + ".partial"
 PARTIAL_SETTINGS = C.PRE_DATASET_PLUS + ".partial.json"
 ANSWER_ADAPTER = f"{C.ADAPTERS_DIR}/answer"
 
 
+@writes_run("predict")
 def predict(run: Run, *, temperatures: Sequence[float] = C.PREDICT_TEMPERATURES, top_p: float = C.PREDICT_TOP_P,
             max_new_tokens: int = C.MAX_NEW_TOKENS, batch_size: int = 8, limit: int | None = None,
-            seed: int = C.SEED, force: bool = False) -> dict:
-    """Answer every TRAIN question at each temperature with stage-zero; returns the run.json section."""
-    if run.has(C.PRE_DATASET_PLUS) and not force:
+            seed: int = C.SEED, bits: int = C.INFERENCE_BITS, force: bool = False) -> dict:
+    """Answer the train questions (the first ``limit``) and every dev question at each temperature
+    with stage-zero; returns the run.json section.
+
+    ``bits`` is the base's precision while answering: 16 (the default) gives the answers of the model
+    that export and the edge deploy (the adapter on the unquantized base); 4 saves GPU memory.
+    """
+    if run.done(C.PRE_DATASET_PLUS, force=force):
         print(f"predict: {run.path(C.PRE_DATASET_PLUS)} is done (use --force to redo it)", file=sys.stderr)
         return run.settings.get("predict", {})
     if any(t < 0 for t in temperatures) or not temperatures:
         raise ExarError(f"--temperature values must be >= 0, got {list(temperatures)}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ExarError("--batch-size and --max-new-tokens must be at least 1")
-    run.verify(C.TRAIN_SPLIT)
-    run.verify(ANSWER_ADAPTER)
-    pool = [QA.from_dict(r) for r in read_jsonl(run.path(C.TRAIN_SPLIT))][:limit]
+    for rel in (C.TRAIN_SPLIT, C.DEV_SPLIT, ANSWER_ADAPTER):
+        run.verify(rel)
+    train = [QA.from_dict(r) for r in read_jsonl(run.path(C.TRAIN_SPLIT))][:limit]
+    dev = [QA.from_dict(r) for r in read_jsonl(run.path(C.DEV_SPLIT))]
+    pool = [(q, "train") for q in train] + [(q, "dev") for q in dev]
     settings = {"temperatures": [float(t) for t in temperatures], "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size, "limit": limit, "seed": seed, "pool": len(pool)}
+                "batch_size": batch_size, "limit": limit, "seed": seed, "bits": bits, "pool": len(train), "dev": len(dev)}
 
     partial, sidecar = run.path(PARTIAL), run.path(PARTIAL_SETTINGS)
     if force or not sidecar.is_file() or json.loads(sidecar.read_text(encoding="utf-8")) != settings:
@@ -53,7 +65,7 @@ def predict(run: Run, *, temperatures: Sequence[float] = C.PREDICT_TEMPERATURES,
     if pending:
         _generate(run, pool, pending, done, style, settings)
     rows = sorted(read_jsonl_resumable(partial), key=lambda r: (r["temperature"], r["item"]))
-    with run.writing(C.PRE_DATASET_PLUS, "predictions", made_from=[C.TRAIN_SPLIT, ANSWER_ADAPTER]) as tmp:
+    with run.writing(C.PRE_DATASET_PLUS, "predictions", made_from=[C.TRAIN_SPLIT, C.DEV_SPLIT, ANSWER_ADAPTER]) as tmp:
         write_jsonl(tmp, rows)
     partial.unlink()
     sidecar.unlink()
@@ -62,26 +74,20 @@ def predict(run: Run, *, temperatures: Sequence[float] = C.PREDICT_TEMPERATURES,
     return section
 
 
-def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: set, style: PromptStyle,
+def _generate(run: Run, pool: list[tuple[QA, str]], pending: list[tuple[float, int]], done: set, style: PromptStyle,
               settings: dict) -> None:
     from exar.progress import bar
-    from exar.train.trainer import device_plan, load_model, load_tokenizer
 
-    section = run.settings.get("stage-zero") or {}
-    bits = section.get("bits", C.BITS)
-    plan = device_plan(bits)
-    tokenizer = load_tokenizer(run.path(ANSWER_ADAPTER))
+    model, tokenizer = load_role(run, "answer", settings["bits"])
     tokenizer.padding_side = "left"
-    model = load_model(run.settings["base"]["path"], bits, plan, adapter=run.path(ANSWER_ADAPTER))
-    model.eval()
     size = settings["batch_size"]
     for temperature, start in bar(pending, desc="predict", unit="batch"):
         items = pool[start:start + size]
-        prompts = [render_answer(q.question, q.context, style) for q in items]
+        prompts = [render_answer(q.question, q.context, style) for q, _ in items]
         seed = settings["seed"] * 1_000_003 + int(temperature * 1000) * 10_007 + start
         texts = generate_batch(model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
                                temperature=temperature, top_p=settings["top_p"], seed=seed)
-        for offset, (record, text) in enumerate(zip(items, texts)):
+        for offset, ((record, split), text) in enumerate(zip(items, texts)):
             item = start + offset
             if (item, temperature) in done:
                 continue
@@ -89,7 +95,17 @@ def _generate(run: Run, pool: list[QA], pending: list[tuple[float, int]], done: 
                 "item": item, "question": record.question, "reference": record.answer,
                 "aliases": record.aliases, "context": record.context,
                 "prediction": parse_answer(text, style), "temperature": temperature, "seed": settings["seed"],
+                "split": split,
             })
+
+
+def load_role(run: Run, role: str, bits: int = C.INFERENCE_BITS):
+    """(model in eval mode, tokenizer) of a trained role: its adapter on the run's base at ``bits``."""
+    from exar.train.trainer import device_plan, load_model, load_tokenizer
+
+    rel = f"{C.ADAPTERS_DIR}/{role}"
+    model = load_model(run.settings["base"]["path"], bits, device_plan(bits), adapter=run.path(rel))
+    return model.eval(), load_tokenizer(run.path(rel))
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,

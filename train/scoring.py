@@ -1,73 +1,55 @@
-"""The validator's verdict as a probability, and the threshold the edge loop accepts at.
+"""The validator's verdict as a probability, in transformers (training's calibration and eval's ``hf``).
 
-p(CORRECT) = exp(l_C) / (exp(l_C) + exp(l_W)), with l_C and l_W the next-token logits of the
-two labels' first tokens at the end of the validator prompt: one forward pass, no sampling. eval's
-``hf`` backend imports ``p_correct_hf`` from here.
+p(CORRECT) = exp(l_C) / (exp(l_C) + exp(l_W)), with l_C and l_W the summed log-probabilities of
+the two labels' token sequences after the validator prompt, exactly as training taught them
+(``exar.prompts.label_tokens``; the llama.cpp runtime scores the same tokens). No sampling.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from exar.prompts import CORRECT, WRONG, PromptStyle, label_token_ids
+from exar.prompts import CORRECT, WRONG, PromptStyle, label_tokens, p_correct_from_logprobs
 
 
 def p_correct_hf(model, tokenizer, prompts: Sequence[str], style: PromptStyle, batch_size: int = 16) -> list[float]:
-    """p(CORRECT) for each rendered validator prompt, batched with left padding."""
+    """p(CORRECT) for each rendered validator prompt, in right-padded batches.
+
+    One row per prompt when each label is one token (its context's last logits score both), else
+    one row per prompt and label (context + the label's tokens, teacher-forced).
+    """
     import torch
+
+    from exar.metrics import log_softmax
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text).input_ids
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     scores: list[float] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start:start + batch_size])
-            encoded = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                logits = model(**encoded).logits[:, -1, :].float()
-            for row, prompt in zip(logits, batch):
-                ids = label_token_ids(tokenize, prompt)
-                pair = torch.stack([row[ids[CORRECT]], row[ids[WRONG]]])
-                scores.append(torch.softmax(pair, dim=0)[0].item())
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        labelled = [label_tokens(tokenize, prompt, style) for prompt in prompts[start:start + batch_size]]
+        rows, reads = [], []  # reads: (row, first position, label ids) per prompt and label
+        for lt in labelled:
+            if lt.single_token:
+                rows.append(list(lt.context))
+                reads.append({label: (len(rows) - 1, len(lt.context) - 1, ids) for label, ids in lt.labels.items()})
+            else:
+                read = {}
+                for label, ids in lt.labels.items():
+                    rows.append(list(lt.context) + list(ids))
+                    read[label] = (len(rows) - 1, len(lt.context) - 1, ids)
+                reads.append(read)
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float().cpu().numpy()
+        for read in reads:
+            logp = {}
+            for label, (row, first, ids) in read.items():
+                steps = log_softmax(logits[row, first:first + len(ids)])
+                logp[label] = float(sum(steps[i, token] for i, token in enumerate(ids)))
+            scores.append(p_correct_from_logprobs(logp[CORRECT], logp[WRONG]))
     return scores
-
-
-def classification_numbers(scores: Sequence[float], truth: Sequence[bool], threshold: float) -> dict:
-    """Accuracy, precision, recall and balanced accuracy of ``p >= threshold`` as CORRECT."""
-    tp = sum(s >= threshold and t for s, t in zip(scores, truth))
-    fp = sum(s >= threshold and not t for s, t in zip(scores, truth))
-    fn = sum(s < threshold and t for s, t in zip(scores, truth))
-    tn = sum(s < threshold and not t for s, t in zip(scores, truth))
-    positives, negatives = tp + fn, tn + fp
-    recall = tp / positives if positives else 0.0
-    specificity = tn / negatives if negatives else 0.0
-    return {
-        "n": len(scores),
-        "accuracy": (tp + tn) / len(scores) if scores else 0.0,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": recall,
-        "balanced_accuracy": (recall + specificity) / 2,
-    }
-
-
-def best_threshold(scores: Sequence[float], truth: Sequence[bool], default: float) -> tuple[float, str]:
-    """The threshold that maximizes balanced accuracy, and how it was chosen.
-
-    Candidates are the midpoints between neighbouring distinct scores (plus ``default``); ties go
-    to the candidate nearest ``default``. With one class missing there is nothing to fit, so
-    ``default`` is returned and the reason says so.
-    """
-    if not scores or all(truth) or not any(truth):
-        return default, "default: the validation slice lacks one of the classes"
-    distinct = sorted(set(scores))
-    candidates = [default] + [(a + b) / 2 for a, b in zip(distinct, distinct[1:])]
-    candidates += [distinct[0] - 1e-9 if distinct[0] > 0 else 0.0, min(1.0, distinct[-1] + 1e-9)]
-    best = max(candidates, key=lambda c: (classification_numbers(scores, truth, c)["balanced_accuracy"], -abs(c - default)))
-    return float(best), "balanced_accuracy on the validation slice"

@@ -19,8 +19,8 @@ ROLE_SECTIONS = {"answer": "stage-zero", "validator": "validator", "exar": "exar
 class TrainSettings:
     """QLoRA / LoRA hyper-parameters shared by the three roles (litgpt-style: plain values).
 
-    ``max_steps`` > 0 overrides ``epochs``; ``eval_fraction`` carves a validation slice out of
-    the role's TRAIN rows (by question, so no question is on both sides).
+    ``max_steps`` > 0 overrides ``epochs``. Validation losses are measured on the run's dev
+    questions (``data/dev.jsonl``), which no adapter trains on.
     """
 
     bits: int = C.BITS
@@ -39,7 +39,7 @@ class TrainSettings:
     packing: bool = False
     gradient_checkpointing: bool = True
     save_steps: int = C.SAVE_STEPS
-    eval_fraction: float = C.EVAL_FRACTION
+    validation_loss: bool = True   # measure the loss on the dev questions' rows after training
     seed: int = C.SEED
 
     def __post_init__(self):
@@ -47,8 +47,6 @@ class TrainSettings:
             raise ExarError(f"--bits must be one of {', '.join(map(str, BITS_CHOICES))}, got {self.bits}")
         if self.scheduler not in SCHEDULERS:
             raise ExarError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ExarError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "max_seq_len", "save_steps"):
             if getattr(self, name) < 1:
                 raise ExarError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import shutil
 import sys
 import time
@@ -19,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from exar.data import append_jsonl, read_jsonl_resumable, split_qa, write_jsonl
+from exar.data import append_jsonl, read_jsonl_resumable, write_jsonl
 from exar.errors import ExarError
-from exar.rundir import Run, atomic_write_json
+from exar.rundir import Run, atomic_write_json, one_writer
 from exar.train.examples import Example, encode
 from exar.train.settings import ALL_LINEAR, TrainSettings
 
@@ -43,12 +42,15 @@ class DevicePlan:
     attention: str = "sdpa"      # transformers attn_implementation while training
     padding_free: bool = False   # a micro-batch is one row; position ids restart at each example
     liger: bool = False          # liger-kernel's fused RMSNorm / SwiGLU / RoPE
+    kernels: bool = False        # exar.train.kernels: fused NF4 decode + LoRA layers
+    keep_layers: int = 0         # decoder layers trained without gradient checkpointing (from the last)
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"device": self.device, "compute_dtype": self.compute_dtype, "optimizer": self.optimizer,
                 "bf16": self.bf16, "adapter_dtype": self.adapter_dtype, "attention": self.attention,
-                "padding_free": self.padding_free, "liger": self.liger, "notes": list(self.notes)}
+                "padding_free": self.padding_free, "liger": self.liger, "kernels": self.kernels,
+                "keep_layers": self.keep_layers, "notes": list(self.notes)}
 
 
 FLEX_MIN_HEAD_DIM = 16  # flex attention's Triton kernels need head_dim >= 16
@@ -57,7 +59,8 @@ FLEX_MIN_HEAD_DIM = 16  # flex attention's Triton kernels need head_dim >= 16
 def device_plan(bits: int, head_dim: int | None = None) -> DevicePlan:
     """GPU: bf16 compute, paged 8-bit AdamW for quantized bases, padding-free micro-batches whose
     examples stay apart (flex attention's document mask skips the blocks between them), and
-    liger-kernel when installed; CPU: fp32, plain AdamW, padded batches (flex attention needs Triton).
+    liger-kernel when installed, exar's fused NF4 + LoRA layers (exar.train.kernels) for 4-bit bases;
+    CPU: fp32, plain AdamW, padded batches (flex attention needs Triton).
 
     The GPU choices were measured in bench/train_gpu.py (bench/RESULTS.md, "GPU training").
     """
@@ -73,15 +76,17 @@ def device_plan(bits: int, head_dim: int | None = None) -> DevicePlan:
         quantized = bits in (4, 8)
         flex = importlib.util.find_spec("triton") is not None and (head_dim or FLEX_MIN_HEAD_DIM) >= FLEX_MIN_HEAD_DIM
         liger = importlib.util.find_spec("liger_kernel") is not None
+        kernels = bits == 4 and importlib.util.find_spec("triton") is not None
         return DevicePlan(
             device=f"cuda ({torch.cuda.get_device_name()})", compute_dtype=dtype,
             optimizer="paged_adamw_8bit" if quantized else "adamw_torch", bf16=bf16,
             adapter_dtype="bfloat16" if quantized and bf16 else "float32",
-            attention="flex_attention" if flex else "sdpa", padding_free=True, liger=liger,
+            attention="flex_attention" if flex else "sdpa", padding_free=True, liger=liger, kernels=kernels,
             notes=("GPU: paged 8-bit AdamW, LoRA weights in bf16 (QLoRA paper)" if quantized else "GPU: bf16 LoRA",
                    "GPU: padding-free batches, examples kept apart by "
                    + ("flex attention's document mask" if flex else "SDPA's block-diagonal mask")
-                   + ("; liger-kernel RMSNorm/SwiGLU/RoPE" if liger else " (pip install liger-kernel: faster)")),
+                   + ("; liger-kernel RMSNorm/SwiGLU/RoPE" if liger else " (pip install liger-kernel: faster)")
+                   + ("; exar's fused NF4 + LoRA layers" if kernels else "")),
         )
     return DevicePlan(
         device="cpu", compute_dtype="float32", optimizer="adamw_torch", bf16=False, adapter_dtype="float32",
@@ -113,7 +118,7 @@ def quantization_config(bits: int, compute_dtype: str):
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(local_folder(folder)))
     if tokenizer.pad_token is None:  # Llama has none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -133,10 +138,12 @@ def load_model(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str 
 
     device = PartialState().local_process_index if plan.device.startswith("cuda") else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        str(base_path), dtype=getattr(torch, plan.compute_dtype),
+        str(local_folder(base_path)), dtype=getattr(torch, plan.compute_dtype),
         attn_implementation=plan.attention if for_training else "sdpa",
         quantization_config=quantization_config(bits, plan.compute_dtype), device_map={"": device},
     )
+    if bits == 4 and device == "cpu":
+        keep_cpu_4bit_unpacked(model)
     if for_training:
         model.config.use_cache = False
     if adapter is not None:
@@ -144,6 +151,37 @@ def load_model(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str 
 
         model = PeftModel.from_pretrained(model, str(adapter))
     return model
+
+
+def local_folder(path: str | Path) -> Path:
+    """A model folder that must exist here: transformers would take a missing path for a Hub name."""
+    if not Path(path).is_dir():
+        raise ExarError(f"{path}: model folder not found (the run records this base path; was the base moved?); "
+                        "exar never downloads a base: put the folder back, or start a new run with --base")
+    return Path(path)
+
+
+CPU_4BIT_BLOCK_N = 32  # bitsandbytes' CPU NF4 inference kernel takes rows in blocks of 32
+
+
+def keep_cpu_4bit_unpacked(model) -> int:
+    """Let every 4-bit layer of a CPU model run inference, whatever its width; returns how many were kept.
+
+    In eval mode on an AVX512-BF16 CPU, bitsandbytes repacks each NF4 weight for its fused
+    kernel, which asserts unless out_features is a multiple of 32 and in_features of the quant
+    block (stories260K's ffn width 172 fails both). Such layers stay in the plain NF4 layout,
+    which bitsandbytes dequantizes per call, as it does in training: same numbers, a little slower.
+    """
+    import bitsandbytes as bnb
+
+    kept = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if module.out_features % CPU_4BIT_BLOCK_N or module.in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+                kept += 1
+    return kept
 
 
 @dataclass
@@ -154,14 +192,6 @@ class Fitted:
     tokenizer: object
     summary: dict
     eval_examples: list[Example] = field(default_factory=list)
-
-
-def split_for_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation) carved by question from the role's TRAIN rows; the test split is elsewhere."""
-    if fraction <= 0 or len(examples) < 2:
-        return list(examples), []
-    train, held = split_qa(examples, test_fraction=fraction, seed=seed, question=lambda e: e.question)
-    return (train, held) if train else (list(examples), [])
 
 
 def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_examples: Sequence[Example],
@@ -187,7 +217,8 @@ def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_exa
                         f"({dropped} prompts too long)")
 
     work = run.path(f"{CHECKPOINTS_DIR}/{role}")
-    resume_from = _prepare_checkpoints(work, settings, resume)
+    data_fingerprint = _fingerprint([run.settings["base"].get("fingerprint"), train_rows, eval_rows])
+    resume_from = one_writer(_prepare_checkpoints)(work, settings, resume, data_fingerprint)
     set_seed(settings.seed)
     model = prepare_model(load_model(base_path, settings.bits, plan, for_training=True), settings, plan)
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, settings, plan, work, callbacks)
@@ -291,6 +322,7 @@ def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Seque
         use_liger_kernel=plan.liger,
         ddp_find_unused_parameters=False,  # every LoRA weight is used; DDP warned of an extra graph walk a step
         logging_steps=1,
+        disable_tqdm=False,  # transformers ties it to its log level, which exar keeps at error
         save_strategy="steps",
         save_steps=settings.save_steps,
         eval_strategy="steps" if eval_rows else "no",
@@ -317,19 +349,35 @@ def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Seque
     trainer.add_callback(loss_bar_callback())
     if plan.adapter_dtype == "float32":
         _keep_adapter_fp32(trainer.model)
+    if plan.kernels or plan.keep_layers:
+        from exar.train.kernels import apply_plan
+
+        apply_plan(trainer, plan)
     return trainer
 
 
 def _save(run: Run, role: str, model, tokenizer, log_path: Path) -> None:
-    from exar.constants import ADAPTERS_DIR, TRAIN_SPLIT
+    from exar.constants import ADAPTERS_DIR, DATASET_PLUS, DEV_SPLIT, TRAIN_SPLIT
 
-    made_from = [p for p in (TRAIN_SPLIT, "data/dataset-plus.jsonl") if run.entry(p)]
+    made_from = [TRAIN_SPLIT, DEV_SPLIT] if role == "answer" else [DATASET_PLUS]
     with run.writing(f"{ADAPTERS_DIR}/{role}", "adapter", role=role, made_from=made_from, is_dir=True) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     with run.writing(f"{LOGS_DIR}/{role}.train_log.jsonl", "train-log", role=role) as tmp:
-        shutil.copyfile(log_path, tmp)
+        write_jsonl(tmp, _one_row_per_step(read_jsonl_resumable(log_path)))
     shutil.rmtree(log_path.parent, ignore_errors=True)
+
+
+def _one_row_per_step(rows: list[dict]) -> list[dict]:
+    """The first loss row and the first validation row of each step: the final evaluation repeats the
+    last step's, and a run resumed after it (killed before saving) would repeat it once more."""
+    seen, kept = set(), []
+    for row in rows:
+        key = (row.get("step"), "loss" in row)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
 
 
 def _encode_all(tokenizer, examples: Sequence[Example], max_seq_len: int) -> tuple[list[dict], int]:
@@ -338,15 +386,27 @@ def _encode_all(tokenizer, examples: Sequence[Example], max_seq_len: int) -> tup
     return kept, len(rows) - len(kept)
 
 
-def _prepare_checkpoints(work: Path, settings: TrainSettings, resume: bool) -> str | None:
-    """The checkpoint to resume from, or None after clearing ``work`` for a fresh start."""
-    fingerprint = hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()
+def _fingerprint(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _prepare_checkpoints(work: Path, settings: TrainSettings, resume: bool, data_fingerprint: str) -> str | None:
+    """The checkpoint to resume from, or None after clearing ``work`` for a fresh start.
+
+    A checkpoint is resumed only if it was made with the same settings and the same data (the
+    base and the tokenized training and validation rows): anything else would mix two trainings.
+    """
+    fingerprint = _fingerprint(settings.to_dict())
     recorded = work / CHECKPOINT_SETTINGS
     last = last_checkpoint(work)
     if resume and last is not None:
-        if json.loads(recorded.read_text()).get("fingerprint") != fingerprint:
+        made = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        if made.get("fingerprint") != fingerprint:
             raise ExarError(f"{work}: the checkpoints were made with other training settings; "
                             "rerun with the same options, or with --no-resume to start over")
+        if made.get("data") != data_fingerprint:
+            raise ExarError(f"{work}: the checkpoints were made from other training data (the rows or the base "
+                            "changed since); rerun with --no-resume to start over")
         step = int(last.name.split("-")[1])
         log = work / WORK_LOG  # drop log rows from steps the checkpoint does not hold
         rows = [r for r in read_jsonl_resumable(log) if r.get("step", 0) <= step]
@@ -354,7 +414,7 @@ def _prepare_checkpoints(work: Path, settings: TrainSettings, resume: bool) -> s
         return str(last)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    atomic_write_json(recorded, {"fingerprint": fingerprint, "settings": settings.to_dict()})
+    atomic_write_json(recorded, {"fingerprint": fingerprint, "data": data_fingerprint, "settings": settings.to_dict()})
     return None
 
 
@@ -387,7 +447,9 @@ def _peak_memory_mb() -> tuple[float, str]:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_rss"
+    from exar.resources import peak_rss_mb
+
+    return peak_rss_mb(), "process_rss"
 
 
 def loss_bar_callback():

@@ -20,12 +20,16 @@ def test_demo_fast_leaves_a_complete_run(smollm2_base, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== exar demo: what was measured ==" in result.stdout
     assert "chart: " in result.stdout
+    assert "does the validator know?" in result.stdout and "validator AUROC" in result.stdout
+    assert "right->wrong" in result.stdout and "answering the 70% it trusts most" in result.stdout
 
     run = Run.open(run_dir)
     for entry in run.artifacts:  # every recorded artifact is on disk with its recorded hash
         run.verify(entry["path"])
     assert {a["role"] for a in run.find(kind="adapter")} == {"answer", "validator", "exar"}
-    assert 0.0 <= run.settings["validator"]["threshold"] <= 1.0
+    calibration = run.settings["validator"]["calibration"]
+    assert 0.0 <= run.settings["validator"]["threshold"] == calibration["threshold"] <= 1.0
+    assert calibration["questions"] == run.settings["data"]["counts"]["dev"] > 0
     assert run.has("data/dataset-plus.jsonl")
 
     ggufs = run.find(kind="gguf-base") + run.find(kind="gguf-merged") + run.find(kind="gguf-lora")
@@ -40,8 +44,9 @@ def test_demo_fast_leaves_a_complete_run(smollm2_base, tmp_path):
         model.close()
 
     report = json.loads(run.path("eval/demo/report.json").read_text())
-    assert [v["name"] for v in report["variants"]] == ["hf", "gguf:f16", "gguf:q4_0", "adapters:q4_0"]
+    assert [v["name"] for v in report["variants"]] == ["hf", "gguf:q8_0", "gguf:q4_0", "adapters:q4_0"]
     assert all(v["mean"]["bertscore_f"] > 0 for v in report["variants"])
+    assert all(v["metacognition"]["n"] == report["test"]["questions"] for v in report["variants"])
     png = run.path("eval/demo/report.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = run.path("edge/answers.jsonl").read_text().splitlines()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from exar.edge.loop import Generation, LoopSettings, answer_key, p_correct_from_logits, run_loop
+from exar.edge.loop import Generation, LoopSettings, run_loop
 from exar.errors import ExarError
 from exar.prompts import MARKERS, PLAIN, render_answer, render_exar, render_validator
 
@@ -23,7 +21,7 @@ class Scripted:
 
     def generate(self, role, prompt, *, temperature, top_p, seed, max_new_tokens):
         self.calls.append(("generate", role, prompt, temperature, seed))
-        return Generation(self.answers.pop(0), tokens=3, ms=2.0)
+        return Generation(self.answers.pop(0), tokens=3, ms=2.0, logprob=-0.5)
 
     def p_correct(self, prompt):
         self.calls.append(("validate", prompt))
@@ -53,7 +51,10 @@ def test_reject_then_accept_reanswers_with_exar_role():
     result = run_loop(backend, Q, context="France is in Europe.", settings=LoopSettings(threshold=0.5))
     assert (result.answer, result.decision, result.stage_zero_answer) == ("Paris", "accepted", "Lyon")
     assert backend.calls[0][2] == render_answer(Q, "France is in Europe.", PLAIN)
-    assert backend.calls[2][1:3] == ("exar", render_exar(Q, ["Lyon"], PLAIN))
+    # the passage reaches every role: the validator's Context and the exar role's Input, before the question
+    assert backend.calls[1] == ("validate", render_validator(Q, "Lyon", PLAIN, "France is in Europe."))
+    assert "### Context:\nFrance is in Europe.\n\nWhat is the capital" in backend.calls[1][1]
+    assert backend.calls[2][1:3] == ("exar", render_exar(Q, ["Lyon"], PLAIN, "France is in Europe."))
     assert [(r.round, r.role, r.answer, r.p_correct, r.accepted) for r in result.rounds] == [
         (1, "answer", "Lyon", 0.2, False), (2, "exar", "Paris", 0.7, True)]
 
@@ -115,8 +116,9 @@ def test_to_dict_has_the_documented_schema():
                          "stage_zero_answer", "threshold", "on_reject", "max_rounds", "rounds", "tokens",
                          "total_ms"}
     assert set(data["rounds"][0]) == {"round", "role", "answer", "p_correct", "accepted", "new", "resamples",
-                                      "tokens", "ms", "verdict_ms"}
+                                      "logprob", "tokens", "ms", "verdict_ms"}
     assert data["tokens"] == 6 and data["total_ms"] >= 0
+    assert [r["logprob"] for r in data["rounds"]] == [-0.5, -0.5]  # each round keeps its answer's confidence
 
 
 def test_injected_markers_cannot_forge_a_verdict_or_a_section():
@@ -144,9 +146,3 @@ def test_settings_for_run_and_bad_values():
         run_loop(Scripted([], {}), "  \n")
 
 
-def test_p_correct_from_logits_and_answer_key():
-    assert p_correct_from_logits(2.0, 0.0) == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-12)
-    assert p_correct_from_logits(1000.0, -1000.0) == 1.0  # no overflow
-    assert p_correct_from_logits(-1000.0, 1000.0) == pytest.approx(0.0, abs=1e-300)
-    assert answer_key("  The Eiffel  tower!") == answer_key("eiffel tower") == "eiffel tower"
-    assert (answer_key("A"), answer_key("  "), answer_key("?!")) == ("a", "", "?!")

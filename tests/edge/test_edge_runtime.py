@@ -8,7 +8,8 @@ import pytest
 from exar.edge.loop import LoopSettings, run_loop
 from exar.edge.runtime import LlamaRuntime, find_models, open_runtime
 from exar.errors import ExarError
-from exar.prompts import CORRECT, WRONG, PromptStyle, label_token_ids, render_answer, render_exar, render_validator
+from exar.prompts import PromptStyle, label_tokens, render_answer, render_exar, render_validator
+from exar.train.scoring import p_correct_hf
 from exar.rundir import Run
 
 Q = "What is the capital of France?"
@@ -66,11 +67,9 @@ def test_tokens_and_p_correct_equal_transformers(adapters, exported_run):
     for prompt in PROMPTS["validator"]:
         ids = tokenizer(prompt).input_ids
         assert adapters.tokenize(prompt) == ids
-        labels = label_token_ids(lambda text: tokenizer(text).input_ids, prompt)
-        assert labels == label_token_ids(adapters.tokenize, prompt)
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
-        expected = torch.softmax(logits[[labels[CORRECT], labels[WRONG]]], dim=0)[0].item()
+        labels = label_tokens(lambda text: tokenizer(text).input_ids, prompt, adapters.style)
+        assert labels == label_tokens(adapters.tokenize, prompt, adapters.style)
+        expected = p_correct_hf(model, tokenizer, [prompt], adapters.style)[0]  # training's scoring path
         p, ms = adapters.p_correct(prompt)
         assert p == pytest.approx(expected, abs=2e-4) and ms > 0
 
@@ -135,6 +134,9 @@ def test_missing_and_damaged_artifacts_are_one_line_errors(run_copy, tmp_path):
     lora.write_bytes(lora.read_bytes()[:-100])
     with pytest.raises(ExarError, match="exar.lora.gguf: .* bytes, the manifest recorded .* damaged"):
         find_models(run_copy)
+    run_copy.path("gguf/validator.f32.gguf").unlink()
+    with pytest.raises(ExarError, match="validator.f32.gguf: recorded in the manifest but missing"):
+        find_models(run_copy, mode="merged")
     base = run_copy.path("gguf/answer.f32.gguf")
     data = bytearray(base.read_bytes())
     data[:4] = b"JUNK"  # same size, not a GGUF any more
@@ -142,10 +144,7 @@ def test_missing_and_damaged_artifacts_are_one_line_errors(run_copy, tmp_path):
     with pytest.raises(ExarError) as error:
         open_runtime(run_copy, mode="merged")
     message = str(error.value)
-    assert "answer.f32.gguf: llama.cpp cannot load this GGUF" in message and "\n" not in message
-    run_copy.path("gguf/validator.f32.gguf").unlink()
-    with pytest.raises(ExarError, match="validator.f32.gguf: recorded in the manifest but missing"):
-        find_models(run_copy, mode="merged")
+    assert "answer.f32.gguf: sha256 " in message and "the file is damaged" in message and "\n" not in message
 
 
 def test_lora_for_another_model_is_refused(run_copy):

@@ -57,6 +57,18 @@ def test_full_precision_gguf_matches_transformers_and_q4_0_costs(eval_run, setti
         assert 1.0 <= pipeline["mean_rounds"] <= 3.0
         assert variant["validator"]["support"]["n"] == len(TEST_QA)
 
+    # metacognition for every variant: gguf:f32 ranks the same answers with the same p(CORRECT) as hf
+    for variant in report["variants"]:
+        m = variant["metacognition"]
+        assert m["n"] == len(TEST_QA) and set(m["transitions"]) >= {"right_wrong", "wrong_right", "net"}
+        assert sum(r["reached"] for r in m["per_round"][:1]) == len(TEST_QA)
+        assert len(m["risk_coverage"]["validator"]["risk"]) == len(TEST_QA)
+        assert m["figures"]["acceptance_rate"]["value"] == variant["pipeline"]["accepted_first"]
+    for key in ("acceptance_rate", "stage_zero_accuracy", "loop_accuracy", "aurc", "accuracy_at_0.7"):
+        assert f32["metacognition"]["figures"][key]["value"] == pytest.approx(hf["metacognition"]["figures"][key]["value"])
+    assert all(line.startswith(("hf: ", "gguf:f32: ", "gguf:q4_0: ", "adapters:q4_0: "))
+               for line in report["metacognition_sentences"])
+
     # the three files, recorded in the manifest; the PNG opens
     from PIL import Image
 
@@ -66,6 +78,8 @@ def test_full_precision_gguf_matches_transformers_and_q4_0_costs(eval_run, setti
     markdown = (folder / "report.md").read_text()
     assert all(sentence in markdown for sentence in report["sentences"])
     assert "| BERTScore F1 | " in markdown
+    assert "## Does the validator know?" in markdown and "## The loop: what it changed" in markdown
+    assert all(line in markdown for line in report["metacognition_sentences"])
     with Image.open(folder / "report.png") as image:
         image.verify()
     with Image.open(folder / "report.png") as image:

@@ -1,9 +1,10 @@
-"""Teacher-forced scores: log-softmax, the target boundary, NLL and the top-k + rest KL."""
+"""Teacher-forced scores: log-softmax, NLL and the top-k + rest KL."""
 
 import numpy as np
 import pytest
 
-from exar.eval.teacher import kl_divergence, log_softmax, target_ids, token_nll, top_support
+from exar.eval.teacher import kl_divergence, token_nll, top_support
+from exar.metrics import log_softmax
 
 
 @pytest.fixture
@@ -44,21 +45,6 @@ def test_kl_by_hand_with_a_rest_bucket():
     assert ids == [[0]]
     expected = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
     assert kl_divergence(ids, values, q)[0] == pytest.approx(expected, abs=1e-12)
-
-
-def test_target_ids_start_where_the_prompt_ids_end():
-    vocab = {"a": 1, "b": 2, "c": 3, "ab": 4}
-
-    def tokenize(text):  # greedy longest match, so "a" + "b" merges across the boundary
-        ids, i = [0], 0
-        while i < len(text):
-            piece = text[i:i + 2] if text[i:i + 2] in vocab else text[i]
-            ids.append(vocab[piece])
-            i += len(piece)
-        return ids
-
-    assert target_ids(tokenize, "ca", "c") == ([0, 3, 1, 3], 3)
-    assert target_ids(tokenize, "ca", "b") == ([0, 3, 4], 2)  # the merged token belongs to the target
 
 
 def test_token_nll_reads_the_row_before_each_target():

