@@ -4,6 +4,7 @@ quantize every matrix)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -11,6 +12,15 @@ from pathlib import Path
 from exar.prompts import INSTRUCTIONS, LABELS, MARKERS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def has_cuda() -> bool:
+    """A CUDA GPU is here (the gpu-marked tests skip without one; torch may be absent)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 STORIES260K = SHARED / "models" / "stories260K"
 LLAMA2_TOKENIZER = SHARED / "models" / "llama2-tokenizer"
 

@@ -8,25 +8,18 @@ another order); training through it must give trl's losses within 1e-2 absolute.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from tiny import has_cuda
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_train_fit import role_examples  # noqa: E402  the CPU tests' rows
 
 
-def _cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")]
 
 
 def _relative_error(got, want) -> float:

@@ -8,28 +8,19 @@ losses as the CPU path and learns as fast.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tiny import SHARED, STORIES260K
+from tiny import SHARED, STORIES260K, has_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_train_fit import OVERFIT, losses, make_run, role_examples  # noqa: E402  the CPU test's rows and settings
 
 
-def _cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not has_cuda(), reason="needs a CUDA GPU")]
 
 # Where the GPU machine finds what ../shared holds here (copied into the git-ignored .gpu-fixtures/).
 FIXTURES = Path(__file__).resolve().parents[2] / ".gpu-fixtures"
