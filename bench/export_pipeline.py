@@ -15,7 +15,6 @@ RssFile the file pages llama.cpp and safetensors map (page cache the kernel can 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import resource
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import VOCAB, make_model  # noqa: E402  the base builder of bench/export.py
+from export import make_model  # noqa: E402  the base builder of bench/export.py
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
