@@ -17,7 +17,10 @@ median 99 tokens, clipped to [16, 512]), the same 32 examples per optimizer step
                configuration plus exar's fused NF4 + LoRA layers (exar.train.kernels)
   exar-flex    exar's trainer without exar's kernels: the trl-flex configuration through exar's code
   exar+LEVER   exar-flex with one lever (adamw: fused AdamW, keepN, expandable) or none (no-gc, d0);
-               exar+kernels+adamw: exar's defaults with fused AdamW instead of paged 8-bit
+               exar+kernels+adamw: exar's defaults with fused AdamW instead of paged 8-bit;
+               exar+compile: exar's defaults with every decoder layer torch.compiled (inductor fuses
+               what liger did, so liger is off; exar.train.kernels.compile_layers)
+  trl-flex+compile  trl-flex with the Trainer's own torch_compile=True
 
 Each recipe runs in its own process (clean peak memory; liger patches transformers' classes).
 Only useful tokens count: the non-padding tokens of the examples. Tokens/s is over all timed steps
@@ -76,6 +79,7 @@ class Recipe:
     lora_dropout: float = LORA_DROPOUT
     plan: tuple = ()                # exar: (DevicePlan field, value) pairs changed from exar's defaults
     alloc: str = ""                 # PYTORCH_CUDA_ALLOC_CONF for the recipe's process
+    torch_compile: bool = False     # trl recipes: the Trainer's own torch_compile=True (the whole model)
     notes: str = ""
 
 
@@ -84,6 +88,7 @@ RECIPES = {r.name: r for r in [
     Recipe("plain", "plain", padding_free=False, attention="sdpa", liger=False, grad_accum=4, pad_to=MAX_TOKENS),
     Recipe("trl-default", "trl", padding_free=False, attention="sdpa", liger=False, grad_accum=4),
     Recipe("trl-flex", "trl"),
+    Recipe("trl-flex+compile", "trl", torch_compile=True, notes="trl-flex with the Trainer's torch_compile=True"),
     Recipe("unsloth", "unsloth", attention="unsloth", liger=False, lora_dropout=0.0,
            notes="FastLanguageModel, LoRA dropout 0 (its fast path), checkpointing without CPU offload"),
     Recipe("unsloth-offload", "unsloth", attention="unsloth", liger=False, lora_dropout=0.0,
@@ -96,6 +101,7 @@ RECIPES = {r.name: r for r in [
     Recipe("exar+keep8", "exar", plan=(*FLEX[:1], ("keep_layers", 8), FLEX[2])),
     Recipe("exar+expandable", "exar", plan=FLEX, alloc="expandable_segments:True"),
     Recipe("exar-no-gc", "exar", plan=FLEX, gradient_checkpointing=False),
+    Recipe("exar+compile", "exar", plan=(("compile", True), ("liger", False))),
     Recipe("exar-d0", "exar", lora_dropout=0.0, notes="exar's defaults with Unsloth's LoRA dropout 0"),
 ]}
 
@@ -174,10 +180,17 @@ class TokenCounter:
     """Counts the useful tokens and examples each forward pass sees (padding excluded)."""
 
     def __init__(self):
+        import torch
+
         self.tokens = 0
         self.examples = 0
+        self.count = torch.compiler.disable(self.count)
 
     def __call__(self, module, args, kwargs):
+        self.count(kwargs)
+
+    def count(self, kwargs):
+        """Outside any compiled graph (a recipe that compiles the whole model would trace this hook)."""
         ids = kwargs.get("input_ids")
         if ids is None:
             return
@@ -270,6 +283,8 @@ def sft_config(recipe: Recipe, work: Path, batch: int, steps: int, seed: int, de
         values.update(pad_to_multiple_of=recipe.pad_to)
     if recipe.liger:
         values.update(use_liger_kernel=True)
+    if recipe.torch_compile:
+        values.update(torch_compile=True)
     values.update(overrides)
     return SFTConfig(**values)
 

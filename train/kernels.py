@@ -30,7 +30,7 @@ def _triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_dequant(packed, absmax, code2, absmax2, nf4, out, offset, n_bytes,
+    def nf4_dequant(packed, absmax, code2, absmax2, offset, nf4, out, n_bytes,
                     NESTED: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr, BLOCKS_PER_SCALE: tl.constexpr,
                     TILE: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * TILE
@@ -42,7 +42,7 @@ def _triton_kernel():
             q = tl.load(absmax + block, mask=inside, other=0).to(tl.int32)
             scale = tl.load(code2 + q, mask=inside, other=0.0) * tl.load(absmax2 + block // BLOCKS_PER_SCALE,
                                                                           mask=inside, other=0.0)
-            scale = scale + offset
+            scale = scale + tl.load(offset)
         else:
             scale = tl.load(absmax + block, mask=inside, other=0.0)
         high = tl.load(nf4 + (byte >> 4)) * scale   # bitsandbytes packs the first value in the high nibble
@@ -60,54 +60,93 @@ def triton_available(device) -> bool:
     return getattr(device, "type", str(device)) == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-def nf4_dequantize(weight, out=None):
-    """The bf16/fp16/fp32 matrix of a bitsandbytes ``Params4bit`` (NF4 or FP4, plain or double-quantized absmax).
+def nf4_layout(weight) -> tuple:
+    """What decoding a bitsandbytes ``Params4bit`` needs, as tensors and plain values only:
+    (packed, absmax, code2, absmax2, offset, code, rows, cols, blocksize, nested, quant_type, dtype).
 
-    On CUDA one Triton launch; elsewhere bitsandbytes' ``dequantize_4bit``. Same values as bitsandbytes
-    up to one rounding of the absmax (Triton fuses its multiply-add).
+    torch.compile traces a layer through this tuple without touching bitsandbytes' Python objects.
+    Plain absmax fills the nested slots (never read).
     """
     import torch
 
     state = weight.quant_state
-    packed = weight.data
-    if not triton_available(packed.device):
-        import bitsandbytes.functional as F
-
-        return F.dequantize_4bit(packed, state, out=out)
+    packed = weight.data.as_subclass(torch.Tensor)
     rows, cols = state.shape
-    if out is None:
-        out = torch.empty((rows, cols), dtype=state.dtype, device=packed.device)
-    n_bytes = packed.numel()
-    if state.blocksize % 2 or 2 * n_bytes != rows * cols:
-        raise ValueError(f"unsupported 4-bit layout: shape {tuple(state.shape)}, {n_bytes} bytes, "
+    if state.blocksize % 2 or 2 * packed.numel() != rows * cols:
+        raise ValueError(f"unsupported 4-bit layout: shape {tuple(state.shape)}, {packed.numel()} bytes, "
                          f"blocksize {state.blocksize}")
     if state.nested:
         if state.state2.blocksize != NESTED_BLOCK:
             raise ValueError(f"nested absmax blocksize {state.state2.blocksize} (expected {NESTED_BLOCK})")
         absmax, code2, absmax2 = state.absmax, state.state2.code, state.state2.absmax
-        offset = _offset(state)
+        offset = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(1)
     else:
-        absmax, code2, absmax2, offset = state.absmax, state.absmax, state.absmax, 0.0
+        absmax = code2 = absmax2 = offset = state.absmax
+    return (packed, absmax, code2, absmax2, offset, state.code, int(rows), int(cols), int(state.blocksize),
+            bool(state.nested), state.quant_type, state.dtype)
+
+
+def _decode(packed, absmax, code2, absmax2, offset, code, rows: int, cols: int, blocksize: int, nested: bool,
+            quant_type: str, dtype, out=None):
+    """The decoded matrix: one Triton launch on CUDA, bitsandbytes' own operators elsewhere."""
+    import torch
+
+    if not triton_available(packed.device):
+        if nested:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, NESTED_BLOCK,
+                                                                 torch.float32) + offset
+        decoded = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, [rows, cols], dtype)
+        return decoded if out is None else out.copy_(decoded)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=dtype, device=packed.device)
+    n_bytes = packed.numel()
     tile = 1024
     _triton_kernel()[(triton_cdiv(n_bytes, tile),)](
-        packed, absmax, code2, absmax2, state.code, out, offset, n_bytes,
-        NESTED=bool(state.nested), BYTES_PER_BLOCK=state.blocksize // 2, BLOCKS_PER_SCALE=NESTED_BLOCK, TILE=tile,
-        num_warps=4,
+        packed, absmax, code2, absmax2, offset, code, out, n_bytes,
+        NESTED=nested, BYTES_PER_BLOCK=blocksize // 2, BLOCKS_PER_SCALE=NESTED_BLOCK, TILE=tile, num_warps=4,
     )
     return out
 
 
+def register_decode_op() -> None:
+    """``torch.ops.exar.nf4_decode``: ``_decode`` as one opaque operator, so a compiled layer calls it as is."""
+    import torch
+
+    if hasattr(torch.ops.exar, "nf4_decode"):
+        return
+
+    @torch.library.custom_op("exar::nf4_decode", mutates_args=(), schema=(
+        "(Tensor packed, Tensor absmax, Tensor code2, Tensor absmax2, Tensor offset, Tensor code, int rows, "
+        "int cols, int blocksize, bool nested, str quant_type, ScalarType dtype) -> Tensor"))
+    def nf4_decode(packed, absmax, code2, absmax2, offset, code, rows, cols, blocksize, nested, quant_type, dtype):
+        return _decode(packed, absmax, code2, absmax2, offset, code, rows, cols, blocksize, nested, quant_type, dtype)
+
+    @nf4_decode.register_fake
+    def _(packed, absmax, code2, absmax2, offset, code, rows, cols, blocksize, nested, quant_type, dtype):
+        return packed.new_empty((rows, cols), dtype=dtype)
+
+
+def decode(layout: tuple):
+    """``nf4_layout``'s matrix; through the registered operator inside torch.compile, directly otherwise
+    (the operator's dispatch costs host time in eager mode)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return torch.ops.exar.nf4_decode(*layout)
+    return _decode(*layout)
+
+
+def nf4_dequantize(weight, out=None):
+    """The bf16/fp16/fp32 matrix of a bitsandbytes ``Params4bit`` (NF4 or FP4, plain or double-quantized absmax).
+
+    On CUDA one Triton launch; elsewhere bitsandbytes' operators. Same values as bitsandbytes
+    up to one rounding of the absmax (Triton fuses its multiply-add).
+    """
+    return _decode(*nf4_layout(weight), out=out)
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _offset(state) -> float:
-    """The nested absmax offset as a Python float, read from the device once per weight."""
-    cached = getattr(state, "_exar_offset", None)
-    if cached is None:
-        cached = float(state.offset)
-        state._exar_offset = cached
-    return cached
 
 
 def _qlora_autograd():
@@ -117,9 +156,9 @@ def _qlora_autograd():
         """y = x W^T + s * dropout(x) A^T B^T with W an NF4 weight decoded on the fly, in both passes."""
 
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float, dropout: float):
+        def forward(ctx, x, lora_a, lora_b, scaling: float, dropout: float, *layout):
             flat = x.reshape(-1, x.shape[-1])
-            y = torch.mm(flat, nf4_dequantize(base.weight).t())
+            y = torch.mm(flat, decode(layout).t())
             mask = None
             if dropout > 0:
                 dropped, mask = torch.native_dropout(flat, dropout, True)
@@ -130,13 +169,13 @@ def _qlora_autograd():
                 y.addmm_(down, lora_b.t(), alpha=scaling)
             else:
                 down = None
-            ctx.base, ctx.scaling, ctx.keep = base, scaling, 1.0 / (1.0 - dropout)
-            ctx.save_for_backward(dropped if lora_a is not None else None, down, lora_a, lora_b, mask)
+            ctx.layout, ctx.scaling, ctx.keep = layout[6:], scaling, 1.0 / (1.0 - dropout)
+            ctx.save_for_backward(dropped if lora_a is not None else None, down, lora_a, lora_b, mask, *layout[:6])
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
-            dropped, down, lora_a, lora_b, mask = ctx.saved_tensors
+            dropped, down, lora_a, lora_b, mask, *tensors = ctx.saved_tensors
             needs_x, needs_a, needs_b = ctx.needs_input_grad[:3]
             g = grad.reshape(-1, grad.shape[-1])
             grad_x = grad_a = grad_b = None
@@ -147,27 +186,35 @@ def _qlora_autograd():
                 if needs_a:
                     grad_a = torch.mm(grad_down.t(), dropped)
             if needs_x:
-                grad_x = torch.mm(g, nf4_dequantize(ctx.base.weight))
+                grad_x = torch.mm(g, decode((*tensors, *ctx.layout)))
                 if lora_a is not None:
                     if mask is None:
                         grad_x.addmm_(grad_down, lora_a)
                     else:
                         grad_x.addcmul_(torch.mm(grad_down, lora_a), mask, value=ctx.keep)
                 grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
-            return grad_x, grad_a, grad_b, None, None, None
+            return grad_x, grad_a, grad_b, None, None, *([None] * len(tensors)), *([None] * len(ctx.layout))
 
     return QLoRA
 
 
-QLORA = None
+QLORA = None  # the autograd function, built once before any layer runs (a class built inside torch.compile breaks its graph)
 
 
-def qlora_linear(x, base, lora_a=None, lora_b=None, scaling: float = 1.0, dropout: float = 0.0):
-    """``base(x)`` (+ the LoRA update when ``lora_a``/``lora_b`` are given) through the fused function."""
+def _qlora_function():
     global QLORA
     if QLORA is None:
         QLORA = _qlora_autograd()
-    return QLORA.apply(x, lora_a, lora_b, base, scaling, dropout)
+    return QLORA
+
+
+def qlora_linear(x, base, lora_a=None, lora_b=None, scaling: float = 1.0, dropout: float = 0.0, layout=None):
+    """``base(x)`` (+ the LoRA update when ``lora_a``/``lora_b`` are given) through the fused function;
+    ``layout`` is ``nf4_layout(base.weight)`` when the caller has it already."""
+    import torch
+
+    function = QLORA if torch.compiler.is_compiling() else _qlora_function()  # no test of a class in a graph
+    return function.apply(x, lora_a, lora_b, scaling, dropout, *(layout or nf4_layout(base.weight)))
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -182,31 +229,38 @@ def _lora_forward(self, x, *args, **kwargs):
     if name not in self.lora_A or name in self.lora_variant or self.use_dora.get(name, False):
         return self._exar_peft_forward(x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    if a.dtype != x.dtype or self.base_layer.weight.quant_state.dtype != x.dtype:
+    layout = self.base_layer._exar_nf4
+    if a.dtype != x.dtype or layout[-1] != x.dtype:
         return self._exar_peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    return qlora_linear(x, self.base_layer, a, b, float(self.scaling[name]), p)
+    return qlora_linear(x, None, a, b, float(self.scaling[name]), p, layout)
 
 
 def _nf4_forward(self, x):
     """bitsandbytes ``Linear4bit.forward`` for a frozen bias-free layer in its compute dtype."""
-    if self.bias is not None or x.dtype != self.weight.quant_state.dtype or self.weight.requires_grad:
+    if self.bias is not None or x.dtype != self._exar_nf4[-1]:
         return self._exar_bnb_forward(x)
-    return qlora_linear(x, self)
+    return qlora_linear(x, None, layout=self._exar_nf4)
 
 
 def patch_qlora(model) -> int:
     """Route every peft LoRA-on-NF4 layer and every bare NF4 layer of ``model`` through ``qlora_linear``.
 
     Returns how many layers now take the fused path (0 when the model has no 4-bit layers).
-    Saved adapters are unchanged: only ``forward`` is replaced, per instance.
+    Saved adapters are unchanged: only ``forward`` is replaced, per instance. Each NF4 layer keeps its
+    ``nf4_layout`` (views of its weight, taken now): patch after the model is on its device.
     """
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
+    register_decode_op()
+    _qlora_function()
     count = 0
     inside_lora = set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and not hasattr(module, "_exar_nf4"):
+            module._exar_nf4 = nf4_layout(module.weight)
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and not hasattr(module, "_exar_peft_forward"):
             module._exar_peft_forward = module.forward
@@ -222,29 +276,67 @@ def patch_qlora(model) -> int:
     return count
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers: transformers' ``GradientCheckpointingLayer`` blocks, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def keep_activations(model, layers: int) -> int:
     """Turn gradient checkpointing off for the last ``layers`` decoder layers (their activations stay
     in memory, their forward is not recomputed); returns how many layers still recompute."""
-    blocks = [m for m in model.modules() if getattr(type(m), "gradient_checkpointing", None) is not None
-              and hasattr(m, "_gradient_checkpointing_func") and m.gradient_checkpointing]
+    blocks = [m for m in decoder_layers(model) if m.gradient_checkpointing]
     for block in blocks[len(blocks) - layers:] if layers > 0 else []:
         block.gradient_checkpointing = False
     return max(len(blocks) - max(layers, 0), 0)
 
 
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer's forward (regional compilation: the layers share one compiled
+    function, so it compiles once, plus once more when the row length first changes and it turns dynamic).
+
+    Inside the graph the NF4 decode is one opaque operator and the rest of the layer (norms, RoPE,
+    SwiGLU, the residual adds) is fused by inductor, which also cuts the host time spent launching
+    small kernels one by one. A layer that recomputes in the backward (gradient checkpointing on: call
+    after the Trainer turned it on) is checkpointed here, around the compiled forward: transformers'
+    own wrapper checkpoints ``__call__`` or ``forward`` depending on its version, and a checkpoint
+    traced into the graph breaks it.
+    """
+    import torch
+
+    register_decode_op()
+    blocks = decoder_layers(model)
+    for block in blocks:
+        recompute = block.gradient_checkpointing
+        block.gradient_checkpointing = False  # transformers' wrapper now passes straight through
+        forward = torch.compile(type(block).forward)
+        block.forward = types.MethodType(functools.partial(_checkpointed, forward) if recompute else forward, block)
+    return len(blocks)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def apply_plan(trainer, plan) -> None:
-    """What a device plan asks of this module, on a built trainer: fused layers now, and the layers that
-    skip gradient checkpointing once the Trainer has turned checkpointing on (at the start of training)."""
+    """What a device plan asks of this module, on a built trainer: fused layers now; once the Trainer
+    has turned gradient checkpointing on (at the start of training), the layers that skip it and the
+    compiled layers."""
     from transformers import TrainerCallback
 
     if plan.kernels:
         patch_qlora(trainer.model)
-    if plan.keep_layers:
-        class KeepActivations(TrainerCallback):
+    if plan.keep_layers or plan.compile:
+        class AfterCheckpointing(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 keep_activations(model, plan.keep_layers)
+                if plan.compile:
+                    compile_layers(model)
 
-        trainer.add_callback(KeepActivations())
+        trainer.add_callback(AfterCheckpointing())
 
 
 def merge_for_generation(model):

@@ -44,13 +44,14 @@ class DevicePlan:
     liger: bool = False          # liger-kernel's fused RMSNorm / SwiGLU / RoPE
     kernels: bool = False        # exar.train.kernels: fused NF4 decode + LoRA layers
     keep_layers: int = 0         # decoder layers trained without gradient checkpointing (from the last)
+    compile: bool = False        # torch.compile each decoder layer (exar.train.kernels.compile_layers)
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {"device": self.device, "compute_dtype": self.compute_dtype, "optimizer": self.optimizer,
                 "bf16": self.bf16, "adapter_dtype": self.adapter_dtype, "attention": self.attention,
                 "padding_free": self.padding_free, "liger": self.liger, "kernels": self.kernels,
-                "keep_layers": self.keep_layers, "notes": list(self.notes)}
+                "keep_layers": self.keep_layers, "compile": self.compile, "notes": list(self.notes)}
 
 
 FLEX_MIN_HEAD_DIM = 16  # flex attention's Triton kernels need head_dim >= 16
@@ -349,7 +350,7 @@ def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Seque
     trainer.add_callback(loss_bar_callback())
     if plan.adapter_dtype == "float32":
         _keep_adapter_fp32(trainer.model)
-    if plan.kernels or plan.keep_layers:
+    if plan.kernels or plan.keep_layers or plan.compile:
         from exar.train.kernels import apply_plan
 
         apply_plan(trainer, plan)
