@@ -1,17 +1,19 @@
 """Batched generation for `exar-train predict` on a GPU, against transformers' own fastest settings.
 
-The model is the 7B-shape NF4 base of bench/train_gpu.py (random weights) with a random LoRA
-adapter on q/k/v/o, as predict loads stage-zero. Random weights write garbage, so every answer is
-forced to exactly ``--new-tokens`` tokens (sampling at the paper's T=0.6, top-p 0.9): speed is what
-counts. Batch 1 is the paper's one-question-at-a-time generation. Recipes, in this order:
+The model is bench/train_gpu.py's 7B-shape random Llama with a random LoRA adapter (r=16, q/k/v/o),
+loaded the two ways predict can: the 16-bit base (``--bits 16``, the default) and NF4 (``--bits 4``).
+Random weights write garbage, so every answer is forced to exactly ``--new-tokens`` tokens (sampling
+at the paper's T=0.6, top-p 0.9): speed is what counts. Batch 1 is the paper's one-question-at-a-time
+generation. Recipes, in this order (the 4-bit ones first, then the bf16 model replaces the NF4 one):
 
-  exar          predict's own ``generate_batch``: left padding to the batch's longest prompt, one
-                ``generate`` call, the dynamic KV cache, SDPA
-  hf-static     transformers' fastest documented setting: ``cache_implementation="static"``, which
-                makes ``generate`` compile the decoding step (torch.compile, CUDA graphs); prompts
-                padded to one length so the cache keeps one shape (else every batch recompiles)
-  exar-merged   exar.train.kernels.merge_for_generation: the NF4 weights decoded once and the LoRA
-                update folded in, bf16 (13 GB at 7B shape), then ``generate_batch``
+  exar-4bit       predict --bits 4: NF4 base + peft LoRA, ``generate_batch`` (left padding to the
+                  batch's longest prompt, one ``generate`` call, the dynamic KV cache, SDPA)
+  hf-static-4bit  the same model through transformers' fastest documented setting,
+                  ``cache_implementation="static"`` (``generate`` compiles the decoding step: torch.compile,
+                  CUDA graphs); prompts padded to one length so the cache keeps one shape
+  exar            predict's default: the adapter folded into the bf16 base
+                  (exar.train.trainer.load_for_inference), ``generate_batch``
+  hf-static       that merged bf16 model with the static cache
 
     python bench/predict_gpu.py --tokenizer ../shared/models/llama2-tokenizer \
         --data ../shared/data/dolly/databricks-dolly-15k.head49.jsonl --batches 1,64
@@ -26,9 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_gpu import SHAPES, random_llama_nf4  # noqa: E402
+from train_gpu import SHAPES, random_llama, random_llama_nf4  # noqa: E402
 
-RECIPES = ("exar", "hf-static", "exar-merged")
+RECIPES = ("exar-4bit", "hf-static-4bit", "exar", "hf-static")
 
 
 def prompts_from(data: Path, count: int) -> list[str]:
@@ -64,12 +66,12 @@ def time_recipe(recipe, model, tokenizer, prompts_for, size: int, new_tokens: in
 
     def run(batch, seed, tokens=new_tokens):
         kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.6, top_p=0.9, seed=seed)
-        if recipe == "hf-static":
+        if recipe.startswith("hf-static"):
             return static_generate(model, tokenizer, batch, length=length, **kwargs)
         return generate_batch(model, tokenizer, batch, **kwargs)
 
     started = time.perf_counter()
-    run(batches[0], seed=0, tokens=new_tokens if recipe == "hf-static" else 4)  # warm-up (compilation for static)
+    run(batches[0], seed=0, tokens=new_tokens if recipe.startswith("hf-static") else 4)  # warm-up (compilation for static)
     torch.cuda.synchronize()
     warmup = time.perf_counter() - started
     torch.cuda.empty_cache()
@@ -88,6 +90,17 @@ def time_recipe(recipe, model, tokenizer, prompts_for, size: int, new_tokens: in
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
+def lora_model(shape: dict, bits: int, device: str = "cuda"):
+    """The random model with a random LoRA adapter as predict loads stage-zero at ``bits``: NF4 + peft's
+    LoRA at 4 bits; at 16 the adapter folded into the bf16 weights, as ``load_for_inference`` does."""
+    from peft import LoraConfig, get_peft_model
+
+    model = (random_llama_nf4 if bits == 4 else random_llama)(shape, "sdpa", seed=0, device=device)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    return (model.merge_and_unload() if bits == 16 else model).eval()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", type=Path, required=True, help="a Llama-2 tokenizer folder")
@@ -100,23 +113,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from exar.train.kernels import merge_for_generation
     from exar.train.trainer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     tokenizer.padding_side = "left"
-    model = random_llama_nf4(SHAPES[args.shape], "sdpa", seed=0, device="cuda")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                             init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.eval()
     sizes = [int(b) for b in args.batches.split(",")]
     recipes = args.recipes.split(",")
-    rows, failures = [], []
+    rows, failures, model, model_bits = [], [], None, None
     for recipe in recipes:
-        if recipe == "exar-merged":
-            model = merge_for_generation(model)
+        bits = 4 if recipe.endswith("4bit") else 16
+        if bits != model_bits:
+            model = None
+            torch.cuda.empty_cache()
+            model, model_bits = lora_model(SHAPES[args.shape], bits), bits
         for size in sizes:
             try:
                 rows.append(time_recipe(recipe, model, tokenizer, lambda n: prompts_from(args.data, n), size,
@@ -126,13 +136,13 @@ def main(argv=None) -> int:
                 print(failures[-1], file=sys.stderr, flush=True)
                 continue
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\npredict on {torch.cuda.get_device_name()}: {args.shape} shape, NF4 + LoRA r=16, {args.new_tokens} new tokens "
+    print(f"\npredict on {torch.cuda.get_device_name()}: {args.shape} shape, LoRA r=16 on NF4 (-4bit) or folded into bf16, {args.new_tokens} new tokens "
           f"per answer, T=0.6 top-p 0.9, {time.strftime('%Y-%m-%d')}")
-    print(f"{'recipe':<12} {'batch':>5} {'tokens/s':>9} {'x exar':>7} {'alloc GiB':>9} {'resvd GiB':>9} {'warm-up s':>9}")
-    exar = {r["batch"]: r["tokens_per_s"] for r in rows if r["recipe"] == "exar"}
+    print(f"{'recipe':<14} {'batch':>5} {'tokens/s':>9} {'x exar':>7} {'alloc GiB':>9} {'resvd GiB':>9} {'warm-up s':>9}")
+    exar = {r["batch"]: r["tokens_per_s"] for r in rows if r["recipe"] == "exar"}  # predict's default
     for r in rows:
         ratio = r["tokens_per_s"] / exar[r["batch"]] if r["batch"] in exar else float("nan")
-        print(f"{r['recipe']:<12} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {ratio:>7.2f} {r['peak_allocated_gib']:>9.2f} "
+        print(f"{r['recipe']:<14} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {ratio:>7.2f} {r['peak_allocated_gib']:>9.2f} "
               f"{r['peak_reserved_gib']:>9.2f} {r['warmup_s']:>9.1f}")
     for failure in failures:
         print(f"not measured: {failure}")

@@ -111,8 +111,8 @@ predict_options = _options(
     click.option("--max-new-tokens", type=int, default=C.MAX_NEW_TOKENS, **_SHOW, help="Tokens per answer at most."),
     click.option("--predict-batch-size", type=int, default=8, **_SHOW, help="Questions generated together."),
     click.option("--predict-bits", type=click.Choice(["4", "8", "16"]), default=str(C.INFERENCE_BITS), **_SHOW,
-                 help="Base precision while stage-zero answers: 16 = the model export deploys (the adapter on "
-                      "the unquantized base); 4 saves GPU memory."),
+                 help="Base precision while stage-zero answers: 16 = the model export deploys (the adapter "
+                      "folded into the unquantized base); 4 saves GPU memory (the adapter beside NF4 weights)."),
     click.option("--predict-limit", type=int, default=None, help="Answer only the first N train questions."),
 )
 

@@ -211,13 +211,12 @@ def _generate(generator: Generator, prompts: list[str], keys: list[str], passage
     """The model's raw output for each pending passage, appended one batch at a time."""
     from exar.progress import bar
     from exar.train.predict import generate_batch
-    from exar.train.trainer import device_plan, head_dim, load_model, load_tokenizer
+    from exar.train.trainer import device_plan, head_dim, load_for_inference, load_tokenizer
 
     plan = device_plan(16, head_dim(generator.model_path))
     tokenizer = load_tokenizer(generator.model_path)
     tokenizer.padding_side = "left"
-    model = load_model(generator.model_path, 16, plan, adapter=generator.adapter)
-    model.eval()
+    model = load_for_inference(generator.model_path, 16, plan, adapter=generator.adapter)
     partial.parent.mkdir(parents=True, exist_ok=True)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     steps = bar(batches, desc="generate-qa", unit="batch") if progress else batches

@@ -101,11 +101,11 @@ def _generate(run: Run, pool: list[tuple[QA, str]], pending: list[tuple[float, i
 
 def load_role(run: Run, role: str, bits: int = C.INFERENCE_BITS):
     """(model in eval mode, tokenizer) of a trained role: its adapter on the run's base at ``bits``."""
-    from exar.train.trainer import device_plan, load_model, load_tokenizer
+    from exar.train.trainer import device_plan, load_for_inference, load_tokenizer
 
     rel = f"{C.ADAPTERS_DIR}/{role}"
-    model = load_model(run.settings["base"]["path"], bits, device_plan(bits), adapter=run.path(rel))
-    return model.eval(), load_tokenizer(run.path(rel))
+    model = load_for_inference(run.settings["base"]["path"], bits, device_plan(bits), adapter=run.path(rel))
+    return model, load_tokenizer(run.path(rel))
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,

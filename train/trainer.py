@@ -154,6 +154,16 @@ def load_model(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str 
     return model
 
 
+def load_for_inference(base_path: str | Path, bits: int, plan: DevicePlan, adapter: str | Path | None = None):
+    """``load_model`` for generating and scoring only, in eval mode. On the 16-bit base the adapter is
+    folded into the weights (``merge_and_unload``): one product per layer instead of peft's three, as
+    the merged model that export writes runs. A 4- or 8-bit base keeps the adapter beside it."""
+    model = load_model(base_path, bits, plan, adapter=adapter)
+    if adapter is not None and bits == 16:
+        model = model.merge_and_unload()
+    return model.eval()
+
+
 def local_folder(path: str | Path) -> Path:
     """A model folder that must exist here: transformers would take a missing path for a Hub name."""
     if not Path(path).is_dir():

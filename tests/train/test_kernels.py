@@ -143,6 +143,35 @@ def test_keep_activations_turns_checkpointing_off_from_the_last_layer(tiny_llama
     assert flags == [True] * recompute + [False] * (2 - recompute)
 
 
+def test_recompute_stops_before_the_last_product(tiny_llama, monkeypatch):
+    """Under gradient checkpointing the backward recomputes a layer only up to its last saved tensor: the
+    fused down_proj (no LoRA) saves none, so it is neither decoded nor multiplied again, one product in
+    seven per layer (checkpoint's early stop; turned off, the recompute runs it)."""
+    import torch
+    import torch.utils.checkpoint
+
+    import exar.train.kernels as kernels
+
+    model = _lora_model(tiny_llama, dropout=0.0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kernels.patch_qlora(model)
+    decodes = []
+    real_decode = kernels._decode
+    monkeypatch.setattr(kernels, "_decode", lambda *layout, **kw: decodes.append(layout[6:8]) or real_decode(*layout, **kw))
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for early_stop in (True, False):
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+            loss = model(input_ids=ids, labels=ids).loss
+            forward = len(decodes)
+            loss.backward()
+        counts[early_stop] = (forward, len(decodes) - forward)
+        decodes.clear()
+        model.zero_grad()
+    assert counts[True][0] == counts[False][0] == 2 * 7
+    assert counts[False][1] - counts[True][1] == 2  # one down_proj per layer not recomputed
+
+
 def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama):
     """torch.compile'd decoder layers (fused NF4 layers inside, gradient checkpointing on around them):
     the eager loss (1e-5) and LoRA gradients (1e-4) for three row lengths, the third with no new
@@ -173,19 +202,3 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama):
             assert float((grad - ref_grads[name]).norm() / ref_grads[name].norm()) < 1e-4, name
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 2  # static, then dynamic length
     assert not dynamo_utils.counters["graph_break"]
-
-
-def test_merged_model_gives_the_4bit_lora_logits(tiny_llama):
-    """Decoding NF4 once and folding LoRA in: the same logits as the 4-bit + LoRA model (fp32, 1e-5)."""
-    import torch
-
-    from exar.train.kernels import merge_for_generation
-
-    model = _lora_model(tiny_llama, dropout=0.0)  # train mode: bitsandbytes keeps the NF4 layout on a CPU
-    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-        merged = merge_for_generation(model).eval()
-        got = merged(input_ids=ids).logits
-    assert not any("4bit" in type(m).__name__ or "lora" in type(m).__name__.lower() for m in merged.modules())
-    assert float((got - want).norm() / want.norm()) < 1e-5

@@ -173,3 +173,27 @@ def test_packing_trains_through_sft_trainer(tmp_path, tiny_llama):
     logged = losses(run, "answer")
     assert fitted.summary["packing"] is True and len(logged) == 10
     assert logged[-1] < logged[0] * 0.75
+
+
+def test_inference_folds_the_adapter_into_the_16bit_base(tmp_path, tiny_llama):
+    """predict and calibration run a 16-bit role merged: no LoRA layer left, the unmerged model's logits
+    (fp32, 1e-5 relative); a 4-bit base keeps the adapter beside it."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from exar.train.trainer import load_for_inference
+
+    torch.manual_seed(0)
+    lora = get_peft_model(load_model(tiny_llama, 16, device_plan(16)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = load_model(tiny_llama, 16, device_plan(16), adapter=tmp_path / "adapter").eval()
+        merged = load_for_inference(tiny_llama, 16, device_plan(16), adapter=tmp_path / "adapter")
+        bare = load_model(tiny_llama, 16, device_plan(16)).eval()
+        reference, logits, base_logits = (m(input_ids=ids).logits for m in (unmerged, merged, bare))
+    assert not isinstance(merged, PeftModel) and not any("lora" in name for name, _ in merged.named_modules())
+    assert float((logits - reference).norm() / reference.norm()) < 1e-5
+    assert float((base_logits - reference).norm() / reference.norm()) > 1e-3  # the adapter does change them
+    assert isinstance(load_for_inference(tiny_llama, 4, device_plan(4), adapter=tmp_path / "adapter"), PeftModel)
