@@ -346,6 +346,7 @@ def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Seque
         remove_unused_columns=True,
         use_cpu=not plan.device.startswith("cuda"),
     )
+    score_label_positions_only()
     datasets.disable_progress_bars()  # trl's dataset passes are instant here; keep stderr for the step bar
     try:
         trainer = SFTTrainer(
@@ -365,6 +366,32 @@ def build_trainer(model, tokenizer, train_rows: Sequence[dict], eval_rows: Seque
 
         apply_plan(trainer, plan)
     return trainer
+
+
+def score_label_positions_only() -> None:
+    """Let trl's fused LM head score only the positions that carry a label on the CPU too.
+
+    trl (1.x) projects just the completion's positions through the LM head on Triton devices, but every
+    position elsewhere (a fixed tile shape spares Neuron's compiler a recompile per batch). On a CPU that
+    is a vocabulary-wide log-softmax over every prompt token for nothing: with completion-only loss the
+    prompt is most of a row, and it cost 1.28x in the demo's validator steps with the same losses
+    (bench/RESULTS.md). A trl that moved this switch is left as it is (tests/train/test_train_fit.py
+    notices).
+    """
+    import trl.trainer.utils as trl_utils
+
+    try:
+        from trl.kernels import chunked_logprob
+    except ImportError:  # a trl without the fused head
+        return
+    device_check = getattr(trl_utils, "_use_triton", None)
+    if device_check is not chunked_logprob._use_triton:  # already done, or trl changed
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or device_check(device)
+
+    trl_utils._use_triton = compact
 
 
 def _save(run: Run, role: str, model, tokenizer, log_path: Path) -> None:

@@ -197,3 +197,35 @@ def test_inference_folds_the_adapter_into_the_16bit_base(tmp_path, tiny_llama):
     assert float((logits - reference).norm() / reference.norm()) < 1e-5
     assert float((base_logits - reference).norm() / reference.norm()) > 1e-3  # the adapter does change them
     assert isinstance(load_for_inference(tiny_llama, 4, device_plan(4), adapter=tmp_path / "adapter"), PeftModel)
+
+
+def test_cpu_training_scores_only_the_labelled_positions(tmp_path, tiny_llama, monkeypatch):
+    """On the CPU trl's fused LM head gets only the positions that carry a label (the completion's
+    tokens, one epoch of rows: exactly their label count), and the losses equal trl's own
+    every-position scoring within 1e-6."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    import exar.train.trainer as trainer_module
+
+    style = prompt_style(tiny_llama)
+    examples = role_examples("validator", style)
+    tokenizer = load_tokenizer(tiny_llama)
+    label_tokens = sum(sum(t != -100 for t in encode(tokenizer, e, 512)["labels"]) for e in examples)
+    settings = OVERFIT.with_(max_steps=2, batch_size=len(examples) // 2)
+    scored = []
+    real_apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *args: scored.append(hidden.shape[0]) or real_apply(hidden, *args))
+
+    compact = make_run(tmp_path / "compact", tiny_llama)
+    fit_adapter(compact, "validator", examples, [], settings)
+    assert sum(scored) == label_tokens and label_tokens < 0.5 * sum(len(encode(tokenizer, e, 512)["input_ids"])
+                                                                     for e in examples)
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)  # trl as it comes
+    monkeypatch.setattr(trainer_module, "score_label_positions_only", lambda: None)
+    scored.clear()
+    every = make_run(tmp_path / "every", tiny_llama)
+    fit_adapter(every, "validator", examples, [], settings)
+    assert sum(scored) > 2 * label_tokens
+    assert losses(compact, "validator") == pytest.approx(losses(every, "validator"), abs=1e-6)
