@@ -91,13 +91,19 @@ def run_demo(fast: bool = False, run_dir: str | Path | None = None) -> dict:
     return summary
 
 
-def _train(run: Run, plan: DemoPlan) -> None:
-    """`exar-train all` on the demo data: 4-bit on the CPU, steps from the plan."""
-    from exar.train.pipeline import DataOptions, run_all
+def train_settings():
+    """The demo's training settings, every role (steps and LoRA targets come from the plan): 4-bit on the CPU."""
     from exar.train.settings import TrainSettings
 
-    settings = TrainSettings(bits=4, batch_size=8, grad_accum=1, max_seq_len=256, lr=1e-3, save_steps=20,
-                             gradient_checkpointing=False, validation_loss=False)
+    return TrainSettings(bits=4, batch_size=8, grad_accum=1, max_seq_len=256, lr=1e-3, save_steps=20,
+                         gradient_checkpointing=False, validation_loss=False)
+
+
+def _train(run: Run, plan: DemoPlan) -> None:
+    """`exar-train all` on the demo data, steps from the plan."""
+    from exar.train.pipeline import DataOptions, run_all
+
+    settings = train_settings()
     run_all(BASE, demo_data(), settings, run_dir=run.root,
             options=DataOptions(fmt="jsonl", limit=plan.questions, test_fraction=plan.test_fraction,
                                 dev_fraction=plan.dev_fraction),
