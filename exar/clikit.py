@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from exar import __version__
-from exar.errors import ExarError, NotBuiltYet
+from exar.errors import ExarError
 
 _DEBUG_ENV = "EXAR_DEBUG"
 _VERBOSE_ENV = "EXAR_VERBOSE"
@@ -96,10 +96,6 @@ def open_run(run_dir: Path | None):
 
 def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
-def not_built(stage: str, issue_hint: str = ""):
-    raise NotBuiltYet(f"{stage} is not built yet in this version of exar{issue_hint}")
 
 
 def entry_point(command: click.Command):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from exar.errors import ExarError
+from exar.errors import BadRecord, ExarError
 from exar.rundir import atomic_path
 
 FORMATS = ("auto", "dolly", "alpaca", "jsonl")
@@ -82,7 +82,7 @@ def load_qa(
     for where, item in items:
         try:
             records.append(_to_qa(item, where, q_key, a_key, c_key, cat_key))
-        except ExarError:
+        except BadRecord:
             if not skip_bad:
                 raise
             skipped += 1
@@ -140,20 +140,20 @@ def _guess_format(path: Path, items: list, question_field: str | None) -> str:
 
 def _to_qa(item, where: str, q_key: str, a_key: str, c_key: str, cat_key: str) -> QA:
     if isinstance(item, _Bad):
-        raise ExarError(f"{where}: {item.reason}")
+        raise BadRecord(f"{where}: {item.reason}")
     if not isinstance(item, dict):
-        raise ExarError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        raise BadRecord(f"{where}: expected a JSON object, got {type(item).__name__}")
     for key in (q_key, a_key):
         if key not in item:
-            raise ExarError(f"{where}: missing field {key!r}")
+            raise BadRecord(f"{where}: missing field {key!r}")
         if not isinstance(item[key], str) or not item[key].strip():
-            raise ExarError(f"{where}: field {key!r} must be a non-empty string")
+            raise BadRecord(f"{where}: field {key!r} must be a non-empty string")
     context = item.get(c_key) or ""
     if not isinstance(context, str):
-        raise ExarError(f"{where}: field {c_key!r} must be a string")
+        raise BadRecord(f"{where}: field {c_key!r} must be a string")
     aliases = item.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-        raise ExarError(f"{where}: field 'aliases' must be a list of strings")
+        raise BadRecord(f"{where}: field 'aliases' must be a list of strings")
     return QA(
         question=item[q_key].strip(),
         answer=item[a_key].strip(),

@@ -16,7 +16,5 @@ class ExarError(Exception):
             self.exit_code = exit_code
 
 
-class NotBuiltYet(ExarError):
-    """A command whose interface is final but whose stage has not landed yet."""
-
-    exit_code = 2
+class BadRecord(ExarError):
+    """One record of the user's data file is unusable (the message names the file and line or item)."""

@@ -14,7 +14,7 @@ from typing import Sequence
 from exar import constants as C
 from exar.basemodel import prompt_style, resolve_base
 from exar.data import QA, filter_qa, load_qa, read_jsonl, split_qa, write_jsonl
-from exar.errors import ExarError
+from exar.errors import BadRecord, ExarError
 from exar.prompts import CORRECT, PromptStyle
 from exar.retrieval import retrieved_splits
 from exar.rundir import Run, one_writer, sha256_file, writes_run
@@ -56,9 +56,12 @@ def prepare_data(base: str | Path, data: str | Path, *, run_dir: str | Path | No
     """
     base_model = resolve_base(base)
     style = prompt_style(base_model.path, layout)
-    loaded = load_qa(data, fmt=options.fmt, question_field=options.question_field,
-                     answer_field=options.answer_field, context_field=options.context_field,
-                     skip_bad=options.skip_bad)
+    try:
+        loaded = load_qa(data, fmt=options.fmt, question_field=options.question_field,
+                         answer_field=options.answer_field, context_field=options.context_field,
+                         skip_bad=options.skip_bad)
+    except BadRecord as error:
+        raise ExarError(f"{error} (--skip-bad skips such records and counts them)") from None
     records = filter_qa(loaded.records, categories=options.categories,
                         max_answer_chars=options.max_answer_chars, context=options.context)
     if options.limit is not None:
