@@ -101,7 +101,9 @@ def prepare_data(base: str | Path, data: str | Path, *, run_dir: str | Path | No
                 write_jsonl(tmp, (r.to_dict() for r in rows))
         run.update_settings("data", section)
         run.update_settings("prompt", style.to_dict())
-    print(f"data: {len(train)} train / {len(dev)} dev / {len(test)} test questions in {run.root}", file=sys.stderr)
+    skipped = f" ({loaded.skipped} bad records skipped)" if loaded.skipped else ""
+    print(f"data: {len(train)} train / {len(dev)} dev / {len(test)} test questions in {run.root}{skipped}",
+          file=sys.stderr)
     return run
 
 

@@ -108,6 +108,19 @@ def test_data_without_the_needed_fields(tmp_path, tiny_llama, capsys):
     _nothing_written(run)
 
 
+def test_skip_bad_counts_what_it_skipped(tmp_path, tiny_llama, capsys):
+    """--skip-bad goes past a bad record and says how many it skipped; run.json counts them."""
+    data = tmp_path / "qa.jsonl"
+    good = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(12)]
+    data.write_text("\n".join(json.dumps(r) for r in good[:5]) + "\n{not json\n"
+                    + "\n".join(json.dumps(r) for r in good[5:]) + "\n")
+    run = tmp_path / "run"
+    assert exar_train(["stage-zero", "--base", tiny_llama, "--data", data, "--run", run, "--skip-bad", *SMALL]) == 0
+    assert f"in {run} (1 bad records skipped)" in capsys.readouterr().err
+    counts = json.loads((run / "run.json").read_text())["data"]["counts"]
+    assert (counts["loaded"], counts["skipped_bad"]) == (12, 1)
+
+
 def test_a_filter_that_leaves_nothing(tmp_path, tiny_llama, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris", "category": "open_qa"}) + "\n")
