@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from exar.eval.bootstrap import bootstrap_statistics
-from exar.metrics import (COVERAGES, accuracy_at_coverage, at_threshold, auroc, average_precision, brier,
-                          calibration_bins, ece, is_degenerate, risk_coverage, transitions)
+from exar.metrics import (COVERAGES, MIN_PER_CLASS, accuracy_at_coverage, at_threshold, auroc, average_precision,
+                          brier, calibration_bins, ece, is_degenerate, risk_coverage, transitions)
 
 LOWEST = -1e9  # the score of an answer that has none (empty, abstained): ranked last
 
@@ -148,7 +148,11 @@ def sentences(name: str, report: dict) -> list[str]:
     """What a reader should take away, in plain words, with the intervals."""
     f = report["figures"]
     diff = f["auroc_minus_logprob"]
-    if diff["value"] is None or diff["low"] is None:
+    wrong = report["n"] - report["right"]
+    if min(report["right"], wrong) < MIN_PER_CLASS:  # a bootstrap over one or two right answers is all ties
+        verdict = (f"cannot be compared with the free baseline: {report['right']} right and {wrong} wrong answers "
+                   f"are too few to rank (at least {MIN_PER_CLASS} of each)")
+    elif diff["value"] is None or diff["low"] is None:
         verdict = "cannot be compared with the free baseline (one class missing)"
     elif diff["significant"] and diff["value"] > 0:
         verdict = "beats the free baseline"

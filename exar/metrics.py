@@ -373,6 +373,7 @@ def classification_metrics(y_true: Sequence[bool], y_pred: Sequence[bool]) -> di
 COVERAGES = (0.5, 0.7, 0.9)
 ECE_BINS = 10
 DEGENERATE_ACCEPTANCE = (0.05, 0.95)   # a threshold accepting <= 5% or >= 95% of answers decides nothing
+MIN_PER_CLASS = 5   # fewer right (or wrong) answers than this rank nothing: no verdict on a validator's AUROC
 THRESHOLD_OBJECTIVES = ("balanced_accuracy", "accuracy")
 
 

@@ -56,6 +56,24 @@ def test_metacognition_of_a_scripted_loop():
     assert not m["degenerate_threshold"]
     text = " ".join(sentences("hf", m))
     assert "validator AUROC 0.75" in text and "turned 1 wrong answers right and 0 right answers wrong" in text
+    assert "2 right and 2 wrong answers are too few to rank (at least 5 of each)" in text
+
+
+@pytest.mark.parametrize("right, n, verdict", [(1, 15, "1 right and 14 wrong answers are too few to rank"),
+                                                (20, 40, "the validator beats the free baseline")])
+def test_a_verdict_needs_enough_answers_of_each_kind(right, n, verdict):
+    """One right answer ranked first gives AUROC 1 and a bootstrap interval [1, 1]: no verdict from that.
+    With 20 right and 20 wrong the same perfect ranking against a chance-level log-probability is one."""
+    import numpy as np
+
+    correct = [i < right for i in range(n)]
+    p = [1.0 - i / n for i in range(n)]                                  # the validator ranks the right ones first
+    logprob = list(np.random.default_rng(0).normal(-1.0, 0.5, n))        # no relation to correctness
+    m = metacognition([_result([(pc, pc >= 0.5, lp)]) for pc, lp in zip(p, logprob)], correct, None, threshold=0.5,
+                      resamples=200, seed=0)
+    assert m["figures"]["auroc"]["value"] == 1.0
+    assert verdict in sentences("hf", m)[0]
+    assert ("beats" in sentences("hf", m)[0]) == (right == 20)
 
 
 def test_per_round_acceptance_counts_only_questions_that_got_there():
