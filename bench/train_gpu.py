@@ -19,7 +19,9 @@ median 99 tokens, clipped to [16, 512]), the same 32 examples per optimizer step
   exar+LEVER   exar-flex with one lever (adamw: fused AdamW, keepN, expandable) or none (no-gc, d0);
                exar+kernels+adamw: exar's defaults with fused AdamW instead of paged 8-bit;
                exar+compile: exar's defaults with every decoder layer torch.compiled (inductor fuses
-               what liger did, so liger is off; exar.train.kernels.compile_layers)
+               what liger did, so liger is off; exar.train.kernels.compile_layers); +keep4: its last
+               4 layers not checkpointed; +graphs: the compiled layers replayed as CUDA graphs;
+               exar+offload: exar's defaults with what the backward keeps moved to host memory
   trl-flex+compile  trl-flex with the Trainer's own torch_compile=True
 
 Each recipe runs in its own process (clean peak memory; liger patches transformers' classes).
@@ -80,6 +82,8 @@ class Recipe:
     plan: tuple = ()                # exar: (DevicePlan field, value) pairs changed from exar's defaults
     alloc: str = ""                 # PYTORCH_CUDA_ALLOC_CONF for the recipe's process
     torch_compile: bool = False     # trl recipes: the Trainer's own torch_compile=True (the whole model)
+    inductor: tuple = ()            # (torch._inductor.config key, value) pairs set while the recipe trains
+    offload: bool = False           # every tensor saved for the backward waits in pinned host memory
     notes: str = ""
 
 
@@ -102,6 +106,12 @@ RECIPES = {r.name: r for r in [
     Recipe("exar+expandable", "exar", plan=FLEX, alloc="expandable_segments:True"),
     Recipe("exar-no-gc", "exar", plan=FLEX, gradient_checkpointing=False),
     Recipe("exar+compile", "exar", plan=(("compile", True), ("liger", False))),
+    Recipe("exar+compile+keep4", "exar", plan=(("compile", True), ("liger", False), ("keep_layers", 4))),
+    Recipe("exar+compile+graphs", "exar", plan=(("compile", True), ("liger", False)),
+           inductor=(("triton.cudagraphs", True),),
+           notes="compiled layers replayed as CUDA graphs (torch.compile's reduce-overhead), one graph per row length"),
+    Recipe("exar+offload", "exar", offload=True,
+           notes="exar's defaults, what the backward needs (checkpointed layers' inputs) kept in host memory"),
     Recipe("exar-d0", "exar", lora_dropout=0.0, notes="exar's defaults with Unsloth's LoRA dropout 0"),
 ]}
 
@@ -375,6 +385,7 @@ def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, de
     if recipe.kind == "unsloth":
         import unsloth  # noqa: F401  first, before torch's friends
     import torch
+    import torch._inductor.config
     from accelerate import PartialState
 
     state = PartialState()
@@ -401,13 +412,16 @@ def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, de
             else:
                 trainer = exar_trainer(model, tokenizer, rows, recipe, plan, batch, total, seed, Path(work))
         trainer.model.register_forward_pre_hook(counter, with_kwargs=True)
+        if recipe.offload:
+            offload_saved_tensors(trainer, pin_memory=device.startswith("cuda"))
         clock = step_clock(counter, device, warmup + steps, profile)
         trainer.add_callback(clock)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         setup_s = time.perf_counter() - started
-        trainer.train()
+        with torch._inductor.config.patch(dict(recipe.inductor)):
+            trainer.train()
     marks = clock.marks
     timed = marks[warmup:warmup + steps + 1]
     step_s = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
@@ -435,6 +449,20 @@ def run_child(recipe: Recipe, shape: str, steps: int, warmup: int, seed: int, de
         "warmup_s": timed[0][0] - marks[0][0],
         **({"profile": clock.profile} if clock.profile else {}),
     }
+
+
+def offload_saved_tensors(trainer, pin_memory: bool) -> None:
+    """Run the trainer's forward under ``torch.autograd.graph.save_on_cpu``: what the backward needs
+    goes to host memory and comes back when the backward reaches it (the activation offload lever)."""
+    import torch
+
+    compute_loss = trainer.compute_loss
+
+    def offloaded(*args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+            return compute_loss(*args, **kwargs)
+
+    trainer.compute_loss = offloaded
 
 
 def recomputed_fraction(recipe: Recipe, plan, layers: int) -> float:
@@ -484,14 +512,15 @@ def table(results: list[dict], tflops: float, shape: dict) -> str:
     peers = [one_gpu[p] for p in PEERS if p in one_gpu]
     best = max(peers, key=lambda r: r["useful_tokens_per_s"], default=None)
     reference = one_gpu.get(LOSS_REFERENCE)
-    head = (f"{'recipe':<16} {'GPUs':>4} {'tok/s':>7} {'per-step median [min-max]':>26} {'step s':>6} "
+    width = max([len(r["recipe"]) for r in results] + [16])
+    head = (f"{'recipe':<{width}} {'GPUs':>4} {'tok/s':>7} {'per-step median [min-max]':>26} {'step s':>6} "
             f"{'alloc':>6} {'resvd':>6} {'MFU':>6} {'x best':>6} {'|dloss|':>8}")
     lines = [f"best peer: {best['recipe'] if best else 'none measured'}", head]
     for r in results:
         s = summarize(r, tflops, shape)
         ratio = r["useful_tokens_per_s"] / best["useful_tokens_per_s"] if best else float("nan")
         gap = loss_gap(r, reference)
-        lines.append(f"{r['recipe']:<16} {r['processes']:>4} {s['tok_s']:>7.0f} "
+        lines.append(f"{r['recipe']:<{width}} {r['processes']:>4} {s['tok_s']:>7.0f} "
                      f"{s['rate_median']:>9.0f} [{s['rate_min']:>6.0f}-{s['rate_max']:>6.0f}] {s['step_median']:>6.3f} "
                      f"{r['peak_allocated_gib']:>6.2f} {r['peak_reserved_gib']:>6.2f} {s['mfu']:>6.1%} {ratio:>6.2f} "
                      f"{gap:>8.4f}")
