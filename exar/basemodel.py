@@ -145,7 +145,8 @@ def import_gguf(gguf_path: Path, dest: Path) -> Path:
 
     from exar.progress import status
 
-    with status(f"importing {gguf_path.name} into {dest} (once; a few minutes on 2 cores)"):
+    megabytes = gguf_path.stat().st_size / 1e6
+    with status(f"importing {gguf_path.name} ({megabytes:.0f} MB) into {dest} (once; later runs reuse it)"):
         loaded = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
