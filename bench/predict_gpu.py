@@ -6,8 +6,9 @@ Random weights write garbage, so every answer is forced to exactly ``--new-token
 at the paper's T=0.6, top-p 0.9): speed is what counts. Batch 1 is the paper's one-question-at-a-time
 generation. Recipes, in this order (the 4-bit ones first, then the bf16 model replaces the NF4 one):
 
-  exar-4bit       predict --bits 4: NF4 base + peft LoRA, ``generate_batch`` (left padding to the
-                  batch's longest prompt, one ``generate`` call, the dynamic KV cache, SDPA)
+  exar-4bit       predict --bits 4: NF4 base + peft LoRA, ``generate_batch`` (one ``generate`` call
+                  per batch; on a GPU since 2026-12-05 left padding to a power-of-two length and the
+                  static cache, before that the batch's longest prompt and the dynamic KV cache)
   hf-static-4bit  the same model through transformers' fastest documented setting,
                   ``cache_implementation="static"`` (``generate`` compiles the decoding step: torch.compile,
                   CUDA graphs); prompts padded to one length so the cache keeps one shape

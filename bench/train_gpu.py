@@ -21,7 +21,8 @@ median 99 tokens, clipped to [16, 512]), the same 32 examples per optimizer step
                exar+compile: exar's defaults with every decoder layer torch.compiled (inductor fuses
                what liger did, so liger is off; exar.train.kernels.compile_layers); +keep4: its last
                4 layers not checkpointed; +graphs: the compiled layers replayed as CUDA graphs;
-               exar+offload: exar's defaults with what the backward keeps moved to host memory
+               exar+offload: exar's defaults with what the backward keeps moved to host memory;
+               exar+compile+offload: both
   trl-flex+compile  trl-flex with the Trainer's own torch_compile=True
 
 Each recipe runs in its own process (clean peak memory; liger patches transformers' classes).
@@ -112,6 +113,8 @@ RECIPES = {r.name: r for r in [
            notes="compiled layers replayed as CUDA graphs (torch.compile's reduce-overhead), one graph per row length"),
     Recipe("exar+offload", "exar", offload=True,
            notes="exar's defaults, what the backward needs (checkpointed layers' inputs) kept in host memory"),
+    Recipe("exar+compile+offload", "exar", plan=(("compile", True), ("liger", False)), offload=True,
+           notes="compiled layers, the checkpointed layers' inputs kept in host memory"),
     Recipe("exar-d0", "exar", lora_dropout=0.0, notes="exar's defaults with Unsloth's LoRA dropout 0"),
 ]}
 
@@ -556,7 +559,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, help="profile this many more steps after the timed ones")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--child-logs", type=Path, default=None,
-                        help="write each recipe's stderr to DIR/RECIPE.log as it runs (kept if the bench is killed)")
+                        help="write each recipe's stderr to DIR/NN-RECIPE.log (NN: its place in the run) as it runs (kept if the bench is killed)")
+    parser.add_argument("--recipe-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a recipe that runs longer and record it as not measured (one slow lever "
+                             "cannot take the others' time)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -580,7 +586,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     runs = [(name, int(n)) for name in names for n in args.processes.split(",")]
     results, failures = [], []
-    for name, processes in runs:
+    for index, (name, processes) in enumerate(runs):
         recipe = RECIPES[name]
         started = time.perf_counter()
         env = child_env(recipe, processes, args.unsloth_site)
@@ -591,7 +597,8 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, __file__, "--child", "save-folder", *common], check=True, env=env)
         launch = [sys.executable] if processes == 1 else \
             [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-        proc = run_logged([*launch, __file__, "--child", name, *common], env, args.child_logs, name)
+        proc = run_logged([*launch, __file__, "--child", name, *common], env, args.child_logs,
+                          f"{index + 1:02d}-{name}", args.recipe_timeout)
         found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             failures.append(f"{name} x{processes}: exit {proc.returncode}: {last_error(proc.stderr)}")
@@ -630,15 +637,25 @@ def child_env(recipe: Recipe, processes: int, unsloth_site: Path | None) -> dict
     return env
 
 
-def run_logged(command: list[str], env: dict, logs: Path | None, name: str):
-    """Run one recipe's process; its stderr goes to ``logs/NAME.log`` when given (else memory)."""
-    if logs is None:
-        return subprocess.run(command, capture_output=True, text=True, env=env)
-    logs.mkdir(parents=True, exist_ok=True)
-    path = logs / f"{name}.log"
-    with path.open("w") as err:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    proc.stderr = path.read_text(errors="replace")
+def run_logged(command: list[str], env: dict, logs: Path | None, name: str, timeout: float | None = None):
+    """Run one recipe's process; its stderr goes to ``logs/NAME.log`` when given (else memory).
+
+    A process still running after ``timeout`` seconds is killed and reported as failed, saying so."""
+    path = None
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{name}.log"
+    with (path.open("w") if path else open(os.devnull, "w")) as err:
+        try:
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err if path else subprocess.PIPE,
+                                  text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as stopped:
+            out = stopped.stdout.decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout
+            err_text = stopped.stderr.decode(errors="replace") if isinstance(stopped.stderr, bytes) else stopped.stderr
+            proc = subprocess.CompletedProcess(command, -9, out or "", (err_text or "") +
+                                               f"\nError: ran past the recipe time limit of {timeout:.0f} s")
+    if path:
+        proc.stderr = path.read_text(errors="replace") + (proc.stderr or "")
     return proc
 
 

@@ -88,6 +88,9 @@ training_options = _options(
                  help="Pack rows into --max-seq-len sequences; each row still attends only to itself."),
     click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, **_SHOW,
                  help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    click.option("--compile/--no-compile", default=False, **_SHOW,
+                 help="GPU, --bits 4: torch.compile each decoder layer. 1.16-1.38x trl's fastest setup at "
+                      "Llama-2-7B shape (+0.2 GiB, ~30 s compiling on first use); measured on Llama only."),
     click.option("--save-steps", type=int, default=C.SAVE_STEPS, **_SHOW,
                  help="Checkpoint (and validation loss) every N steps."),
     click.option("--validation-loss/--no-validation-loss", default=True, **_SHOW,
@@ -135,14 +138,19 @@ annotate_options = _options(
 def _settings(kw: dict):
     from exar.train.settings import TrainSettings
 
-    return TrainSettings(
+    settings = TrainSettings(
         bits=int(kw["bits"]), lora_r=kw["lora_r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
         target_modules=kw["target_modules"], max_steps=kw["max_steps"], epochs=kw["epochs"],
         batch_size=kw["batch_size"], grad_accum=kw["grad_accum"], lr=kw["lr"], warmup_ratio=kw["warmup_ratio"],
         scheduler=kw["scheduler"], max_seq_len=kw["max_seq_len"], packing=kw["packing"],
         gradient_checkpointing=kw["gradient_checkpointing"], save_steps=kw["save_steps"], seed=kw["seed"],
-        validation_loss=kw["validation_loss"],
+        validation_loss=kw["validation_loss"], compile=kw["compile"],
     )
+    if settings.compile:  # refused before any work where it cannot run
+        from exar.train.trainer import device_plan, with_compiled_layers
+
+        with_compiled_layers(device_plan(settings.bits))
+    return settings
 
 
 def _data_options(kw: dict):

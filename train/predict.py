@@ -113,16 +113,32 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     """The text each prompt continues with, all prompts in one left-padded ``generate`` call.
 
     One call per batch instead of one per question is what makes predict fast on a GPU
-    (bench/predict_gpu.py). ``temperature`` 0 decodes greedily; ``tokenizer.padding_side`` must be
-    left. Special tokens are kept in the text, so ``parse_answer`` can cut at the end-of-sequence marker.
+    (bench/predict_gpu.py). There the prompts are padded to a power-of-two length and decoded with
+    transformers' static cache, whose decode step it compiles: 9.5x the dynamic cache at batch 1 and
+    2.0x at batch 64 on an H200, after a compilation per length and batch size. The CPU keeps the
+    dynamic cache (no compilation to wait for). ``temperature`` 0 decodes greedily;
+    ``tokenizer.padding_side`` must be left. Special tokens are kept in the text, so ``parse_answer``
+    can cut at the end-of-sequence marker.
     """
     import torch
 
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    static = model.device.type == "cuda"
+    padding = {"padding": True}
+    if static:
+        longest = max(len(ids) for ids in tokenizer(list(prompts)).input_ids)
+        padding = {"padding": "max_length", "max_length": static_cache_length(longest)}
+    encoded = tokenizer(list(prompts), return_tensors="pt", **padding).to(model.device)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
         else {"do_sample": False}
+    cache = {"cache_implementation": "static"} if static else {}
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
+                             pad_token_id=tokenizer.pad_token_id, **sampling, **cache)
     return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)
+
+
+def static_cache_length(tokens: int) -> int:
+    """The padded prompt length for the static cache: the next power of two, at least
+    ``STATIC_CACHE_SHORTEST_PROMPT``, so a whole run compiles for a handful of lengths."""
+    return max(C.STATIC_CACHE_SHORTEST_PROMPT, 1 << max(tokens - 1, 0).bit_length())

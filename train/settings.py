@@ -15,6 +15,9 @@ ALL_LINEAR = "all-linear"
 ROLE_SECTIONS = {"answer": "stage-zero", "validator": "validator", "exar": "exar"}
 
 
+SPEED_ONLY = ("compile",)  # settings that change how fast a run trains, not what it trains
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """QLoRA / LoRA hyper-parameters shared by the three roles (litgpt-style: plain values).
@@ -41,6 +44,7 @@ class TrainSettings:
     save_steps: int = C.SAVE_STEPS
     validation_loss: bool = True   # measure the loss on the dev questions' rows after training
     seed: int = C.SEED
+    compile: bool = False          # GPU, 4-bit: torch.compile each decoder layer (speed only, same training)
 
     def __post_init__(self):
         if self.bits not in BITS_CHOICES:
@@ -61,6 +65,11 @@ class TrainSettings:
             self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         )
         return values
+
+    def identity(self) -> dict:
+        """The settings that decide what is trained: a checkpoint resumes only under the same ones.
+        ``compile`` changes the speed alone, so it may differ between an interrupted run and its resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in SPEED_ONLY}
 
     def with_(self, **changes) -> "TrainSettings":
         return replace(self, **changes)

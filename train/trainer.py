@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -93,6 +93,17 @@ def device_plan(bits: int, head_dim: int | None = None) -> DevicePlan:
         device="cpu", compute_dtype="float32", optimizer="adamw_torch", bf16=False, adapter_dtype="float32",
         notes=("CPU: no bf16 compute, no paged 8-bit optimizer (both need a GPU); fp32 LoRA weights",),
     )
+
+
+def with_compiled_layers(plan: DevicePlan) -> DevicePlan:
+    """``plan`` with every decoder layer torch.compiled (``--compile``): inductor then fuses the norms,
+    RoPE and SwiGLU that liger fused, so liger is off. Measured only around exar's fused NF4 layers (a
+    4-bit base on a GPU), so only there: 1.16-1.38x trl's fastest setup at 7B shape (bench/RESULTS.md)."""
+    if not plan.kernels:
+        raise ExarError("--compile needs a CUDA GPU and --bits 4 (it compiles exar's fused NF4 layers); "
+                        f"this run trains on {plan.device} without them: drop --compile")
+    return replace(plan, compile=True, liger=False,
+                   notes=(*plan.notes, "--compile: every decoder layer torch.compiled (inductor instead of liger)"))
 
 
 def require_bitsandbytes(bits: int) -> None:
@@ -220,6 +231,8 @@ def fit_adapter(run: Run, role: str, train_examples: Sequence[Example], eval_exa
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     base_path = run.settings["base"]["path"]
     plan = device_plan(settings.bits, head_dim(base_path))
+    if settings.compile:
+        plan = with_compiled_layers(plan)
     tokenizer = load_tokenizer(base_path)
     train_rows, dropped = _encode_all(tokenizer, train_examples, settings.max_seq_len)
     eval_rows, eval_dropped = _encode_all(tokenizer, eval_examples, settings.max_seq_len)
@@ -434,7 +447,7 @@ def _prepare_checkpoints(work: Path, settings: TrainSettings, resume: bool, data
     A checkpoint is resumed only if it was made with the same settings and the same data (the
     base and the tokenized training and validation rows): anything else would mix two trainings.
     """
-    fingerprint = _fingerprint(settings.to_dict())
+    fingerprint = _fingerprint(settings.identity())
     recorded = work / CHECKPOINT_SETTINGS
     last = last_checkpoint(work)
     if resume and last is not None:

@@ -11,7 +11,7 @@ import pytest
 from exar.data import read_jsonl
 from exar.prompts import LABELS
 from exar.train.cli import main
-from tiny import SHARED
+from tiny import SHARED, has_cuda
 
 DOLLY49 = SHARED / "data" / "dolly" / "databricks-dolly-15k.head49.jsonl"
 SMALL = ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-seq-len", "192",
@@ -105,6 +105,18 @@ def test_data_without_the_needed_fields(tmp_path, tiny_llama, capsys):
     run = tmp_path / "run"
     line = _bad(tmp_path, capsys, ["stage-zero", "--base", tiny_llama, "--data", data, "--run", run, *SMALL])
     assert line.endswith(f"{data}:2: missing field 'answer' (--skip-bad skips such records and counts them)")
+    _nothing_written(run)
+
+
+@pytest.mark.skipif(has_cuda(), reason="on a GPU --compile runs")
+def test_compile_without_a_gpu_is_refused_before_any_work(tmp_path, tiny_llama, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": str(2 * i)})
+                              for i in range(12)) + "\n")
+    run = tmp_path / "run"
+    line = _bad(tmp_path, capsys, ["stage-zero", "--base", tiny_llama, "--data", data, "--run", run, "--compile",
+                                   *SMALL])
+    assert line.startswith("error: --compile needs a CUDA GPU and --bits 4") and "on cpu" in line
     _nothing_written(run)
 
 
