@@ -7,8 +7,9 @@ at the paper's T=0.6, top-p 0.9): speed is what counts. Batch 1 is the paper's o
 generation. Recipes, in this order (the 4-bit ones first, then the bf16 model replaces the NF4 one):
 
   exar-4bit       predict --bits 4: NF4 base + peft LoRA, ``generate_batch`` (one ``generate`` call
-                  per batch; on a GPU since 2026-12-05 left padding to a power-of-two length and the
-                  static cache, before that the batch's longest prompt and the dynamic KV cache)
+                  per batch; on a GPU since 2026-12-05 the static cache, every batch left-padded to the
+                  run's longest prompt as predict does; before that the batch's longest prompt and the
+                  dynamic KV cache)
   hf-static-4bit  the same model through transformers' fastest documented setting,
                   ``cache_implementation="static"`` (``generate`` compiles the decoding step: torch.compile,
                   CUDA graphs); prompts padded to one length so the cache keeps one shape
@@ -56,23 +57,23 @@ def static_generate(model, tokenizer, prompts, *, max_new_tokens, min_new_tokens
     return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)
 
 
-def time_recipe(recipe, model, tokenizer, prompts_for, size: int, new_tokens: int) -> dict:
+def time_recipe(recipe, model, tokenizer, prompts_for, size: int, new_tokens: int, rounds: int) -> dict:
     import torch
 
-    from exar.train.predict import generate_batch
+    from exar.train.predict import generate_batch, longest_prompt
 
-    prompts = prompts_for(2 * size)
+    prompts = prompts_for(rounds * size)
     batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-    length = max(len(tokenizer(p).input_ids) for p in prompts)
+    length = longest_prompt(tokenizer, prompts)
 
-    def run(batch, seed, tokens=new_tokens):
-        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.6, top_p=0.9, seed=seed)
+    def run(batch, seed):
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.6, top_p=0.9, seed=seed)
         if recipe.startswith("hf-static"):
             return static_generate(model, tokenizer, batch, length=length, **kwargs)
-        return generate_batch(model, tokenizer, batch, **kwargs)
+        return generate_batch(model, tokenizer, batch, pad_to=length, **kwargs)
 
     started = time.perf_counter()
-    run(batches[0], seed=0, tokens=new_tokens if recipe.startswith("hf-static") else 4)  # warm-up (compilation for static)
+    run(batches[0], seed=0)  # warm-up: compiles the static cache's decode step, as a run's first batch does
     torch.cuda.synchronize()
     warmup = time.perf_counter() - started
     torch.cuda.empty_cache()
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="timed batches per batch size, after one warm-up")
     parser.add_argument("--shape", choices=SHAPES, default="llama2-7b")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         for size in sizes:
             try:
                 rows.append(time_recipe(recipe, model, tokenizer, lambda n: prompts_from(args.data, n), size,
-                                        args.new_tokens))
+                                        args.new_tokens, args.rounds))
             except Exception as error:  # a recipe that cannot run is reported, the others still are
                 failures.append(f"{recipe} batch {size}: {type(error).__name__}: {str(error)[:300]}")
                 print(failures[-1], file=sys.stderr, flush=True)

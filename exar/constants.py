@@ -52,8 +52,6 @@ PREDICT_TOP_P = 0.9
 INFERENCE_BITS = 16           # predict and the validator's calibration run each adapter on the 16-bit base,
                               # the weights exar-export merges it into (merge_base w16) and the edge runs
 MAX_NEW_TOKENS = 64
-STATIC_CACHE_SHORTEST_PROMPT = 64  # on a GPU, generation pads prompts to a power of two from here:
-                                   # one compiled static-cache decode step per length, not per batch
 
 # annotate: the paper's later labelling rule (EXAR_METHOD.md, step 3): CORRECT if exact match, or
 # (ROUGE-L F > rouge_match_f and BERTScore F1 >= bert_match_f1), or ROUGE-L P or R >= rouge_solo_pr,

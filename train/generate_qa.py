@@ -210,7 +210,7 @@ def _generate(generator: Generator, prompts: list[str], keys: list[str], passage
               partial: Path, batch_size: int, progress: bool) -> None:
     """The model's raw output for each pending passage, appended one batch at a time."""
     from exar.progress import bar
-    from exar.train.predict import generate_batch
+    from exar.train.predict import generate_batch, longest_prompt
     from exar.train.trainer import device_plan, head_dim, load_for_inference, load_tokenizer
 
     plan = device_plan(16, head_dim(generator.model_path))
@@ -219,10 +219,12 @@ def _generate(generator: Generator, prompts: list[str], keys: list[str], passage
     model = load_for_inference(generator.model_path, 16, plan, adapter=generator.adapter)
     partial.parent.mkdir(parents=True, exist_ok=True)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    pad_to = longest_prompt(tokenizer, [prompts[i] for i in todo])
     steps = bar(batches, desc="generate-qa", unit="batch") if progress else batches
     for batch in steps:
         texts = generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=generator.max_new_tokens,
                                temperature=generator.temperature, top_p=generator.top_p,
-                               seed=generator.seed * 1_000_003 + batch[0])
+                               seed=generator.seed * 1_000_003 + batch[0], pad_to=pad_to,
+                               rows=min(batch_size, len(todo)))
         for i, text in zip(batch, texts):
             append_jsonl(partial, {"key": keys[i], "passage": passages[i].id, "raw": text})

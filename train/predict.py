@@ -81,12 +81,14 @@ def _generate(run: Run, pool: list[tuple[QA, str]], pending: list[tuple[float, i
     model, tokenizer = load_role(run, "answer", settings["bits"])
     tokenizer.padding_side = "left"
     size = settings["batch_size"]
+    prompts = [render_answer(q.question, q.context, style) for q, _ in pool]
+    pad_to = longest_prompt(tokenizer, prompts)
     for temperature, start in bar(pending, desc="predict", unit="batch"):
         items = pool[start:start + size]
-        prompts = [render_answer(q.question, q.context, style) for q, _ in items]
         seed = settings["seed"] * 1_000_003 + int(temperature * 1000) * 10_007 + start
-        texts = generate_batch(model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
-                               temperature=temperature, top_p=settings["top_p"], seed=seed)
+        texts = generate_batch(model, tokenizer, prompts[start:start + size],
+                               max_new_tokens=settings["max_new_tokens"], temperature=temperature,
+                               top_p=settings["top_p"], seed=seed, pad_to=pad_to, rows=min(size, len(pool)))
         for offset, ((record, split), text) in enumerate(zip(items, texts)):
             item = start + offset
             if (item, temperature) in done:
@@ -109,25 +111,25 @@ def load_role(run: Run, role: str, bits: int = C.INFERENCE_BITS):
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
-                   top_p: float, seed: int, min_new_tokens: int = 0) -> list[str]:
+                   top_p: float, seed: int, min_new_tokens: int = 0, pad_to: int | None = None,
+                   rows: int | None = None) -> list[str]:
     """The text each prompt continues with, all prompts in one left-padded ``generate`` call.
 
     One call per batch instead of one per question is what makes predict fast on a GPU
-    (bench/predict_gpu.py). There the prompts are padded to a power-of-two length and decoded with
-    transformers' static cache, whose decode step it compiles: 9.5x the dynamic cache at batch 1 and
-    2.0x at batch 64 on an H200, after a compilation per length and batch size. The CPU keeps the
-    dynamic cache (no compilation to wait for). ``temperature`` 0 decodes greedily;
-    ``tokenizer.padding_side`` must be left. Special tokens are kept in the text, so ``parse_answer``
-    can cut at the end-of-sequence marker.
+    (bench/predict_gpu.py). There it decodes with transformers' static cache, whose decode step it
+    compiles once per shape: a run passes ``pad_to`` (``longest_prompt`` of all its prompts) and
+    ``rows`` (its batch size; a shorter last batch is filled up with copies of its last prompt, whose
+    answers are dropped) so every batch has one shape and compiles once. The CPU keeps the dynamic
+    cache (no compilation to wait for) and pads to the batch's longest prompt. ``temperature`` 0
+    decodes greedily; ``tokenizer.padding_side`` must be left. Special tokens are kept in the text, so
+    ``parse_answer`` can cut at the end-of-sequence marker.
     """
     import torch
 
     static = model.device.type == "cuda"
-    padding = {"padding": True}
-    if static:
-        longest = max(len(ids) for ids in tokenizer(list(prompts)).input_ids)
-        padding = {"padding": "max_length", "max_length": static_cache_length(longest)}
-    encoded = tokenizer(list(prompts), return_tensors="pt", **padding).to(model.device)
+    padding = {"padding": "max_length", "max_length": pad_to} if static and pad_to else {"padding": True}
+    filler = [prompts[-1]] * (rows - len(prompts)) if static and rows else []
+    encoded = tokenizer(list(prompts) + filler, return_tensors="pt", **padding).to(model.device)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
         else {"do_sample": False}
@@ -135,10 +137,10 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, **sampling, **cache)
-    return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=False)
+    answers = out[:len(prompts), encoded["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(answers, skip_special_tokens=False)
 
 
-def static_cache_length(tokens: int) -> int:
-    """The padded prompt length for the static cache: the next power of two, at least
-    ``STATIC_CACHE_SHORTEST_PROMPT``, so a whole run compiles for a handful of lengths."""
-    return max(C.STATIC_CACHE_SHORTEST_PROMPT, 1 << max(tokens - 1, 0).bit_length())
+def longest_prompt(tokenizer, prompts: Sequence[str]) -> int:
+    """The token count of the longest prompt: the one length a GPU run pads every batch to."""
+    return max(len(ids) for ids in tokenizer(list(prompts)).input_ids)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from exar.train.predict import static_cache_length
+from exar.train.predict import longest_prompt
+from exar.train.trainer import load_tokenizer
+
+PROMPTS = ["Question: What is the capital of France?\nAnswer:", "Question: Who?\nAnswer:"]
 
 
-def test_static_cache_length_is_the_next_power_of_two_from_64():
-    """A GPU run compiles one decode step per padded length: few lengths, none shorter than the prompt."""
-    assert [static_cache_length(n) for n in (1, 63, 64, 65, 128, 129, 1000, 1024, 1025)] == \
-        [64, 64, 64, 128, 128, 256, 1024, 1024, 2048]
+def test_longest_prompt_is_the_width_the_tokenizer_pads_a_batch_to(stories260k):
+    """A GPU run pads every batch to this one length, so its static cache compiles once per batch size:
+    36 and 21 tokens (BOS included) in stories260K's 512-token vocabulary."""
+    tokenizer = load_tokenizer(stories260k)
+    assert longest_prompt(tokenizer, PROMPTS) == 36
+    assert longest_prompt(tokenizer, PROMPTS[1:]) == 21
+    assert tokenizer(PROMPTS, padding=True, return_tensors="pt").input_ids.shape[1] == 36
