@@ -43,6 +43,7 @@ matrix rate measured here by an 8192^3 torch.matmul.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -645,10 +646,9 @@ def run_logged(command: list[str], env: dict, logs: Path | None, name: str, time
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
-    with (path.open("w") if path else open(os.devnull, "w")) as err:
+    with path.open("w") if path else contextlib.nullcontext(subprocess.PIPE) as err:
         try:
-            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err if path else subprocess.PIPE,
-                                  text=True, env=env, timeout=timeout)
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired as stopped:
             out = stopped.stdout.decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout
             err_text = stopped.stderr.decode(errors="replace") if isinstance(stopped.stderr, bytes) else stopped.stderr
